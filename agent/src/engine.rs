@@ -1,0 +1,811 @@
+//! One sync of a host: every disk read, compared and sent, then one recovery point committed.
+//!
+//! 1. Lock the host's state directory; open the sources (size via `BLKGETSIZE64` for block
+//!    devices).
+//! 2. `GET state`. If the sync this agent had in progress was committed (a crash between the
+//!    commit and the state files), install its block values now.
+//! 3. Choose the sync id: the one in progress (local file), else the gateway's open sync, else
+//!    a new one. Persist it, then `begin` (idempotent).
+//! 4. `GET state` again; per disk choose the baseline (what the volume holds): the local block
+//!    values if they describe the latest point, else that point's manifest (chunk level), else
+//!    zeros when the host has no point. Then `GET landed/{disk}`.
+//! 5. Per disk, a pipeline with at most `window` chunks in memory: read (O_DIRECT, holes
+//!    skipped) and hash on the blocking pool, plan ([`crate::plan`]) in order, send the planned
+//!    extents concurrently; the new block values stream to a temporary state file.
+//! 6. Build the manifest, `commit` (retried on transient errors: commit is idempotent), and only
+//!    after it succeeded install the new block values and forget the sync id.
+//!
+//! Interrupted anywhere, the next run resumes the same sync and sends only what the landed
+//! records don't show as already there.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use tern_core::digest::BlockHasher;
+use tern_core::geometry::{BlockLayout, ChunkGeometry, GeometryError};
+use tern_core::io::AlignedBuf;
+use tern_core::manifest::ManifestError;
+use tern_core::protocol::{LandedExtent, PlannedDisk, SyncPlan};
+use tern_core::{ChunkRef, DiskId, DiskManifest, HostId, Manifest, PointId};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, info_span, trace, warn};
+
+use crate::bandwidth::Bandwidth;
+use crate::blockstate::{BlockStateError, BlockStateHeader, BlockStateReader, BlockStateWriter, install};
+use crate::plan::{ChunkBaseline, ChunkPlan, ExtentKind, PlannedExtent, plan_chunk};
+use crate::source::{READ_ALIGN, Source, SourceError};
+use crate::state::{HostState, StateError};
+use crate::target::{Target, TargetError};
+
+/// One disk to sync.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    /// Its id inside the host.
+    pub id: DiskId,
+    /// The block device or image file.
+    pub path: PathBuf,
+}
+
+/// What to sync and how.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// The host.
+    pub host: HostId,
+    /// Its disks, in manifest order.
+    pub disks: Vec<DiskSpec>,
+    /// The agent's state directory.
+    pub state_dir: PathBuf,
+    /// Chunk size (a power of two, 64 KiB to 16 MiB).
+    pub chunk_size: u32,
+    /// Compare block size (a power of two, 4 KiB to the chunk size).
+    pub block_size: u32,
+    /// Chunks in flight (read, hashed or being sent) per disk: bounds memory.
+    pub window: usize,
+    /// Bandwidth limit in bytes per second.
+    pub bwlimit: Option<u64>,
+}
+
+/// Why a sync failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("failed to use the state directory")]
+    State(#[from] StateError),
+    #[error("invalid chunk or block size")]
+    Layout(#[source] GeometryError),
+    #[error("disk id {0} is given twice")]
+    DuplicateDisk(DiskId),
+    #[error("failed to read disk {disk}")]
+    Source {
+        disk: DiskId,
+        #[source]
+        source: SourceError,
+    },
+    #[error("disk {disk} cannot be synced")]
+    Geometry {
+        disk: DiskId,
+        #[source]
+        source: GeometryError,
+    },
+    #[error("the target answered for host {got}, not {expected}")]
+    WrongHost { expected: HostId, got: HostId },
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("failed to keep the block values of disk {disk}")]
+    BlockState {
+        disk: DiskId,
+        #[source]
+        source: BlockStateError,
+    },
+    #[error("failed to build the manifest")]
+    Manifest(#[source] ManifestError),
+    #[error("a sync task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+impl SyncError {
+    /// True when the sync may succeed if simply retried later (network trouble).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SyncError::Target(e) if e.is_transient())
+    }
+}
+
+/// Byte and extent counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    /// Bytes read from the source (holes are not read).
+    pub bytes_read: u64,
+    /// Bytes of extent bodies sent.
+    pub bytes_sent: u64,
+    /// Bytes not sent because they are zero (skipped, or zeroed by zero extents).
+    pub bytes_skipped_zero: u64,
+    /// Non-zero bytes not sent because the volume already holds them.
+    pub bytes_skipped_unchanged: u64,
+    /// Bytes zeroed on the volume by zero extents (part of `bytes_skipped_zero`).
+    pub bytes_zeroed: u64,
+    /// Data extents sent.
+    pub extents_sent: u64,
+    /// Zero extents sent.
+    pub zero_extents_sent: u64,
+}
+
+impl Counters {
+    fn add(&mut self, o: &Counters) {
+        self.bytes_read += o.bytes_read;
+        self.bytes_sent += o.bytes_sent;
+        self.bytes_skipped_zero += o.bytes_skipped_zero;
+        self.bytes_skipped_unchanged += o.bytes_skipped_unchanged;
+        self.bytes_zeroed += o.bytes_zeroed;
+        self.extents_sent += o.extents_sent;
+        self.zero_extents_sent += o.zero_extents_sent;
+    }
+
+    fn add_plan(&mut self, plan: &ChunkPlan) {
+        self.bytes_sent += plan.bytes_data;
+        self.bytes_skipped_zero += plan.bytes_zero;
+        self.bytes_skipped_unchanged += plan.bytes_unchanged;
+        for x in &plan.extents {
+            match x.kind {
+                ExtentKind::Data(_) => self.extents_sent += 1,
+                ExtentKind::Zero => {
+                    self.zero_extents_sent += 1;
+                    self.bytes_zeroed += x.len();
+                }
+            }
+        }
+    }
+}
+
+/// How one disk went.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskSummary {
+    /// The disk id.
+    pub id: String,
+    /// The source path.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// What the volume was compared with: `state`, `manifest`, `zero` or `unknown`.
+    pub baseline: &'static str,
+    /// Landed extents found (written by an interrupted sync).
+    pub landed_extents: usize,
+    /// Counts.
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+/// How a sync went: printed as JSON at the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncSummary {
+    /// The host.
+    pub host: String,
+    /// Where it was synced to.
+    pub target: String,
+    /// The recovery point made.
+    pub point_id: String,
+    /// True when this run continued an interrupted sync.
+    pub resumed: bool,
+    /// Start time, Unix milliseconds (the point's creation time).
+    pub started_unix_ms: u64,
+    /// Wall time in seconds.
+    pub duration_s: f64,
+    /// Totals over all disks.
+    #[serde(flatten)]
+    pub totals: Counters,
+    /// Per disk.
+    pub disks: Vec<DiskSummary>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What the volume of one disk held at the latest point.
+#[derive(Debug)]
+enum Baseline {
+    /// The agent's block values (their point is the latest point).
+    State(BlockStateReader),
+    /// The latest point's manifest entries for the disk.
+    Manifest {
+        geometry: ChunkGeometry,
+        chunks: Vec<ChunkRef>,
+    },
+    /// The volume is new: zeros.
+    Zero,
+    /// Nothing known.
+    Unknown,
+}
+
+impl Baseline {
+    fn name(&self) -> &'static str {
+        match self {
+            Baseline::State(_) => "state",
+            Baseline::Manifest { .. } => "manifest",
+            Baseline::Zero => "zero",
+            Baseline::Unknown => "unknown",
+        }
+    }
+
+    /// The baseline of chunk `index` of a disk whose geometry is now `current`. `Ok(None)`
+    /// when the state file's record is damaged.
+    fn for_chunk(
+        &self,
+        index: u64,
+        current: &ChunkGeometry,
+    ) -> Result<Option<ChunkBaseline>, BlockStateError> {
+        let old = match self {
+            Baseline::Zero => return Ok(Some(ChunkBaseline::Zero)),
+            Baseline::Unknown => return Ok(Some(ChunkBaseline::Unknown)),
+            Baseline::State(r) => r.header().geometry,
+            Baseline::Manifest { geometry, .. } => *geometry,
+        };
+        if index >= old.chunk_count() {
+            // The disk grew: the volume was grown with zeros.
+            return Ok(Some(ChunkBaseline::Zero));
+        }
+        if old.chunk_len(index) != current.chunk_len(index) {
+            // The old last chunk, now longer: what lies past its old end is not described.
+            return Ok(Some(ChunkBaseline::Unknown));
+        }
+        Ok(match self {
+            Baseline::State(r) => r.read_chunk(index)?.map(ChunkBaseline::Blocks),
+            Baseline::Manifest { chunks, .. } => Some(match chunks.get(index as usize) {
+                Some(ChunkRef::Data(d)) => ChunkBaseline::Digest(*d),
+                Some(ChunkRef::Zero) => ChunkBaseline::Zero,
+                None => ChunkBaseline::Unknown,
+            }),
+            Baseline::Zero | Baseline::Unknown => None,
+        })
+    }
+}
+
+/// Everything the blocking pool needs to process the chunks of one disk.
+#[derive(Debug)]
+struct DiskWork {
+    disk: DiskId,
+    source: Source,
+    geometry: ChunkGeometry,
+    hasher: BlockHasher,
+    baseline: Baseline,
+    /// Landed extents by the chunks they intersect.
+    landed: HashMap<u64, Vec<LandedExtent>>,
+    /// One chunk of zeros: the content of chunks that are all hole.
+    zeros: Vec<u8>,
+    damaged_warned: AtomicBool,
+}
+
+/// A read, hashed and planned chunk.
+#[derive(Debug)]
+struct ChunkDone {
+    index: u64,
+    chunk_ref: ChunkRef,
+    blocks: Vec<[u8; 32]>,
+    plan: ChunkPlan,
+    /// The chunk's bytes (None: all hole, hence zeros).
+    data: Option<Bytes>,
+    bytes_read: u64,
+}
+
+impl DiskWork {
+    fn source_err(&self, source: SourceError) -> SyncError {
+        SyncError::Source {
+            disk: self.disk.clone(),
+            source,
+        }
+    }
+
+    fn process(&self, index: u64) -> Result<ChunkDone, SyncError> {
+        let range = self.geometry.chunk_range(index);
+        let len = (range.end - range.start) as usize;
+        let segments = self
+            .source
+            .data_segments(range.clone())
+            .map_err(|e| self.source_err(e))?;
+        let mut bytes_read = 0;
+        let buf = if segments.is_empty() {
+            None
+        } else {
+            let mut buf = AlignedBuf::zeroed((len as u64).next_multiple_of(READ_ALIGN) as usize);
+            for seg in &segments {
+                let rel = (seg.start - range.start) as usize..(seg.end - range.start) as usize;
+                let n = self
+                    .source
+                    .read_at(&mut buf[rel], seg.start)
+                    .map_err(|e| self.source_err(e))?;
+                bytes_read += n as u64;
+            }
+            buf.truncate(len);
+            Some(buf)
+        };
+        let data: &[u8] = buf.as_deref().unwrap_or(&self.zeros[..len]);
+        let hashes = self.hasher.hash_chunk(data);
+        let baseline = match self.baseline.for_chunk(index, &self.geometry) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                if !self.damaged_warned.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        chunk = index,
+                        "damaged record in the block-values file: sending such chunks whole"
+                    );
+                }
+                ChunkBaseline::Unknown
+            }
+            Err(source) => {
+                return Err(SyncError::BlockState {
+                    disk: self.disk.clone(),
+                    source,
+                });
+            }
+        };
+        let landed = self.landed.get(&index).map_or(&[][..], Vec::as_slice);
+        let plan = plan_chunk(
+            self.hasher.layout(),
+            range.start,
+            data,
+            &hashes,
+            &baseline,
+            landed,
+        );
+        trace!(chunk = index, extents = plan.extents.len(), "chunk planned");
+        Ok(ChunkDone {
+            index,
+            chunk_ref: hashes.digest.map_or(ChunkRef::Zero, ChunkRef::Data),
+            blocks: hashes.blocks,
+            plan,
+            data: buf.map(Bytes::from_owner),
+            bytes_read,
+        })
+    }
+}
+
+/// Groups landed extents by the chunks they intersect (ignoring any past the disk's end).
+fn group_landed(geometry: &ChunkGeometry, landed: &[LandedExtent]) -> HashMap<u64, Vec<LandedExtent>> {
+    let mut out: HashMap<u64, Vec<LandedExtent>> = HashMap::new();
+    for e in landed {
+        for (chunk, _) in geometry.split(e.offset, u64::from(e.len)) {
+            out.entry(chunk).or_default().push(*e);
+        }
+    }
+    out
+}
+
+/// Syncs every disk of `opts.host` to `target` and commits one recovery point.
+pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result<SyncSummary, SyncError> {
+    let started = Instant::now();
+    let started_unix_ms = unix_ms();
+    let layout = BlockLayout::new(opts.chunk_size, opts.block_size).map_err(SyncError::Layout)?;
+    for (i, d) in opts.disks.iter().enumerate() {
+        if opts.disks[..i].iter().any(|x| x.id == d.id) {
+            return Err(SyncError::DuplicateDisk(d.id.clone()));
+        }
+    }
+    let state = HostState::open(&opts.state_dir, &opts.host)?;
+
+    let mut sources = Vec::new();
+    for d in &opts.disks {
+        let source = Source::open(&d.path).map_err(|source| SyncError::Source {
+            disk: d.id.clone(),
+            source,
+        })?;
+        let geometry =
+            ChunkGeometry::new(source.size(), opts.chunk_size).map_err(|source| SyncError::Geometry {
+                disk: d.id.clone(),
+                source,
+            })?;
+        sources.push((d, source, geometry));
+    }
+    let plan = SyncPlan {
+        disks: sources
+            .iter()
+            .map(|(d, _, g)| PlannedDisk {
+                id: d.id.clone(),
+                geometry: *g,
+            })
+            .collect(),
+    };
+
+    let before = target.state().await?;
+    if before.host != opts.host {
+        return Err(SyncError::WrongHost {
+            expected: opts.host.clone(),
+            got: before.host,
+        });
+    }
+    let latest_before = before.latest_point.as_ref().map(|p| p.id.clone());
+    let mut pending = state.pending_sync()?;
+    if let Some(p) = pending.as_ref().filter(|p| Some(*p) == latest_before.as_ref()) {
+        info!(point = %p, "the previous sync was committed; installing its block values");
+        for d in &opts.disks {
+            finalize_blocks(&state, &d.id, p).await?;
+        }
+        state.clear_pending_sync()?;
+        pending = None;
+    }
+    if let Some(p) = pending.as_ref() {
+        // Committed, but no longer the latest point (another sync committed since): it cannot
+        // be reopened.
+        match target.get_point(p).await {
+            Ok(_) => {
+                warn!(point = %p, "the sync in progress was committed and is no longer the latest point; starting a new sync");
+                state.clear_pending_sync()?;
+                pending = None;
+            }
+            Err(e) if e.kind == crate::target::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let resumed = pending.is_some() || before.open_sync.is_some();
+    let sync = match (pending, before.open_sync.clone()) {
+        (Some(p), _) => p,
+        (None, Some(open)) => open,
+        (None, None) => PointId::generate(started_unix_ms, rand::random()),
+    };
+    state.set_pending_sync(&sync)?;
+
+    let span = info_span!("sync", host = %opts.host, sync = %sync);
+    async {
+        info!(target = %target.describe(), disks = opts.disks.len(), resumed, "sync started");
+        target.begin(&sync, &plan).await?;
+        let now = target.state().await?;
+        let latest = now.latest_point.as_ref().map(|p| p.id.clone());
+        let mut latest_manifest: Option<Manifest> = None;
+        let bandwidth = opts.bwlimit.map(|b| Arc::new(Bandwidth::new(b)));
+
+        let mut disks = Vec::new();
+        let mut summaries = Vec::new();
+        let mut new_states = Vec::new();
+        for (spec, source, geometry) in sources {
+            let baseline = choose_baseline(
+                target.as_ref(),
+                &state,
+                spec,
+                &geometry,
+                layout,
+                latest.as_ref(),
+                &mut latest_manifest,
+                before.disks.iter().any(|d| d.id == spec.id),
+            )
+            .await?;
+            let landed = target.landed(&spec.id).await?;
+            let landed_count = landed.len();
+            debug!(disk = %spec.id, baseline = baseline.name(), landed = landed_count, "disk planned");
+            let work = Arc::new(DiskWork {
+                disk: spec.id.clone(),
+                source,
+                geometry,
+                hasher: BlockHasher::new(layout),
+                landed: group_landed(&geometry, &landed),
+                baseline,
+                zeros: vec![0; opts.chunk_size as usize],
+                damaged_warned: AtomicBool::new(false),
+            });
+            let baseline_name = work.baseline.name();
+            let tmp = state.new_blocks_path(&spec.id);
+            let out = sync_disk(target, &sync, work, tmp, opts.window.max(1), bandwidth.clone())
+                .instrument(info_span!("disk", disk = %spec.id))
+                .await?;
+            info!(
+                disk = %spec.id,
+                baseline = baseline_name,
+                sent = out.counters.bytes_sent,
+                extents = out.counters.extents_sent,
+                zero_extents = out.counters.zero_extents_sent,
+                "disk scanned"
+            );
+            summaries.push(DiskSummary {
+                id: spec.id.to_string(),
+                path: spec.path.display().to_string(),
+                size: geometry.size(),
+                baseline: baseline_name,
+                landed_extents: landed_count,
+                counters: out.counters,
+            });
+            disks.push(DiskManifest {
+                disk_id: spec.id.clone(),
+                geometry,
+                chunks: out.chunks,
+            });
+            new_states.push((spec.id.clone(), out.new_state));
+        }
+
+        let manifest = Manifest {
+            host_id: opts.host.clone(),
+            point_id: sync.clone(),
+            created_unix_ms: started_unix_ms,
+            disks,
+        };
+        manifest.validate().map_err(SyncError::Manifest)?;
+        commit_with_retry(target.as_ref(), &sync, &manifest).await?;
+
+        for (disk, tmp) in new_states {
+            let dst = state.blocks_path(&disk);
+            tokio::task::spawn_blocking(move || install(&tmp, &dst))
+                .await
+                .map_err(SyncError::Task)?
+                .map_err(|source| SyncError::BlockState { disk, source })?;
+        }
+        state.clear_pending_sync()?;
+
+        let mut totals = Counters::default();
+        for d in &summaries {
+            totals.add(&d.counters);
+        }
+        let duration_s = started.elapsed().as_secs_f64();
+        info!(
+            point = %sync,
+            sent = totals.bytes_sent,
+            read = totals.bytes_read,
+            duration_s = format!("{duration_s:.1}"),
+            "recovery point committed"
+        );
+        Ok(SyncSummary {
+            host: opts.host.to_string(),
+            target: target.describe(),
+            point_id: sync.to_string(),
+            resumed,
+            started_unix_ms,
+            duration_s,
+            totals,
+            disks: summaries,
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+/// Installs the block values a committed sync left at their temporary path.
+async fn finalize_blocks(state: &HostState, disk: &DiskId, point: &PointId) -> Result<(), SyncError> {
+    let tmp = state.new_blocks_path(disk);
+    let dst = state.blocks_path(disk);
+    let point = point.clone();
+    let d = disk.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), BlockStateError> {
+        match BlockStateReader::open(&tmp) {
+            Ok(Some(r)) if r.header().point == point => install(&tmp, &dst),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                warn!(disk = %d, error = %crate::error_chain(&e), "ignoring unusable block values");
+                Ok(())
+            }
+        }
+    })
+    .await
+    .map_err(SyncError::Task)?
+    .map_err(|source| SyncError::BlockState {
+        disk: disk.clone(),
+        source,
+    })
+}
+
+/// Chooses what the volume of `spec` is compared with.
+#[allow(clippy::too_many_arguments, reason = "the inputs of one decision, used once")]
+async fn choose_baseline<T: Target>(
+    target: &T,
+    state: &HostState,
+    spec: &DiskSpec,
+    geometry: &ChunkGeometry,
+    layout: BlockLayout,
+    latest: Option<&PointId>,
+    latest_manifest: &mut Option<Manifest>,
+    volume_existed: bool,
+) -> Result<Baseline, SyncError> {
+    let Some(latest) = latest else {
+        // No point yet: the volume holds zeros, plus what the landed records say.
+        return Ok(Baseline::Zero);
+    };
+    match BlockStateReader::open(&state.blocks_path(&spec.id)) {
+        Ok(Some(r)) => {
+            let h = r.header();
+            if &h.point == latest && h.disk == spec.id && h.layout == layout {
+                return Ok(Baseline::State(r));
+            }
+            info!(
+                disk = %spec.id,
+                state_point = %h.point,
+                latest_point = %latest,
+                "the local block values do not describe the latest point; comparing with its manifest"
+            );
+        }
+        Ok(None) => {
+            info!(disk = %spec.id, "no local block values; comparing with the latest point's manifest")
+        }
+        Err(e) => warn!(
+            disk = %spec.id,
+            error = %crate::error_chain(&e),
+            "ignoring unusable block values; comparing with the latest point's manifest"
+        ),
+    }
+    if latest_manifest.as_ref().is_none_or(|m| &m.point_id != latest) {
+        *latest_manifest = Some(target.get_point(latest).await?);
+    }
+    let Some(m) = latest_manifest.as_ref() else {
+        return Ok(Baseline::Unknown);
+    };
+    Ok(match m.disk(&spec.id) {
+        Some(d) if d.geometry.chunk_size() == geometry.chunk_size() => Baseline::Manifest {
+            geometry: d.geometry,
+            chunks: d.chunks.clone(),
+        },
+        Some(_) => Baseline::Unknown,
+        // A disk new since the latest point: its volume is new (zeros), unless it was there
+        // before this sync began, with content the agent cannot know.
+        None if volume_existed => Baseline::Unknown,
+        None => Baseline::Zero,
+    })
+}
+
+/// What one disk's pipeline produced.
+#[derive(Debug)]
+struct DiskOutcome {
+    chunks: Vec<ChunkRef>,
+    counters: Counters,
+    /// The new block-values file (complete and fsynced, at its temporary path).
+    new_state: PathBuf,
+}
+
+async fn sync_disk<T: Target>(
+    target: &Arc<T>,
+    sync: &PointId,
+    work: Arc<DiskWork>,
+    new_state: PathBuf,
+    window: usize,
+    bandwidth: Option<Arc<Bandwidth>>,
+) -> Result<DiskOutcome, SyncError> {
+    let geometry = work.geometry;
+    let disk = work.disk.clone();
+    let header = BlockStateHeader {
+        point: sync.clone(),
+        disk: disk.clone(),
+        geometry,
+        layout: work.hasher.layout(),
+    };
+
+    // The new block values are written in chunk order by a blocking thread.
+    let (values_tx, mut values_rx) = tokio::sync::mpsc::channel::<(u64, Vec<[u8; 32]>)>(window * 2);
+    let writer = tokio::task::spawn_blocking(move || -> Result<PathBuf, BlockStateError> {
+        let mut w = BlockStateWriter::create(&new_state, header)?;
+        while let Some((index, values)) = values_rx.blocking_recv() {
+            w.push(index, &values)?;
+        }
+        w.finish()
+    });
+
+    let bar = crate::progress::disk_bar(disk.as_str(), geometry.size());
+    let permits = Arc::new(Semaphore::new(window));
+    let mut chunks_done = futures::stream::iter(0..geometry.chunk_count())
+        .map(|index| {
+            let work = work.clone();
+            let permits = permits.clone();
+            async move {
+                let permit = permits
+                    .acquire_owned()
+                    .await
+                    .expect("the window semaphore is never closed");
+                let done = tokio::task::spawn_blocking(move || work.process(index))
+                    .await
+                    .map_err(SyncError::Task)??;
+                Ok::<_, SyncError>((done, permit))
+            }
+        })
+        .buffered(window);
+
+    let mut sends: JoinSet<Result<(), SyncError>> = JoinSet::new();
+    let mut chunks = Vec::with_capacity(geometry.chunk_count() as usize);
+    let mut counters = Counters::default();
+    while let Some(item) = chunks_done.next().await {
+        let (done, permit) = item?;
+        while let Some(r) = sends.try_join_next() {
+            r.map_err(SyncError::Task)??;
+        }
+        let range = geometry.chunk_range(done.index);
+        counters.bytes_read += done.bytes_read;
+        counters.add_plan(&done.plan);
+        chunks.push(done.chunk_ref);
+        if values_tx.send((done.index, done.blocks)).await.is_err() {
+            // The writer stopped: its error says why.
+            break;
+        }
+        if !done.plan.extents.is_empty() {
+            let send = send_chunk(
+                target.clone(),
+                sync.clone(),
+                disk.clone(),
+                range.start,
+                done.data,
+                done.plan.extents,
+                bandwidth.clone(),
+            );
+            sends.spawn(
+                async move {
+                    let r = send.await;
+                    drop(permit);
+                    r
+                }
+                .in_current_span(),
+            );
+        }
+        bar.inc(range.end - range.start);
+        bar.set_message(format!("sent {}", crate::units::format_size(counters.bytes_sent)));
+    }
+    drop(values_tx);
+    while let Some(r) = sends.join_next().await {
+        r.map_err(SyncError::Task)??;
+    }
+    let new_state = writer
+        .await
+        .map_err(SyncError::Task)?
+        .map_err(|source| SyncError::BlockState {
+            disk: disk.clone(),
+            source,
+        })?;
+    bar.finish_and_clear();
+    Ok(DiskOutcome {
+        chunks,
+        counters,
+        new_state,
+    })
+}
+
+async fn send_chunk<T: Target>(
+    target: Arc<T>,
+    sync: PointId,
+    disk: DiskId,
+    chunk_start: u64,
+    data: Option<Bytes>,
+    extents: Vec<PlannedExtent>,
+    bandwidth: Option<Arc<Bandwidth>>,
+) -> Result<(), SyncError> {
+    for x in extents {
+        let offset = chunk_start + x.range.start as u64;
+        match x.kind {
+            ExtentKind::Zero => {
+                trace!(offset, len = x.len(), "zero extent");
+                target.put_zero(&sync, &disk, offset, x.len()).await?;
+            }
+            ExtentKind::Data(digest) => {
+                // A chunk without data (all hole) plans only zero extents.
+                let body = match &data {
+                    Some(b) => b.slice(x.range.clone()),
+                    None => Bytes::from(vec![0u8; x.range.len()]),
+                };
+                if let Some(b) = &bandwidth {
+                    b.wait(x.len()).await;
+                }
+                trace!(offset, len = x.len(), "extent");
+                target.put_extent(&sync, &disk, offset, body, digest).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Commits, retrying transient failures (commit is idempotent) with capped backoff.
+async fn commit_with_retry<T: Target>(
+    target: &T,
+    sync: &PointId,
+    manifest: &Manifest,
+) -> Result<(), SyncError> {
+    const ATTEMPTS: u32 = 8;
+    let mut backoff = crate::schedule::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut attempt = 1;
+    loop {
+        match target.commit(sync, manifest).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                let delay = backoff.next_delay();
+                warn!(attempt, error = %crate::error_chain(&e), retry_in_ms = delay.as_millis() as u64, "commit failed; retrying");
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! Tern agent: reads a host's disks, finds what changed since the last recovery point and
+//! streams it to a target (the Cloud Sync Gateway's S3 API, or a local directory), then commits
+//! one recovery point for all the host's disks.
+//!
+//! - [`source`]: block devices and image files, read with `O_DIRECT`, holes skipped.
+//! - [`plan`]: which extents of a chunk to send, from the baseline (what the volume held at the
+//!   last point), the landed extents (written since) and the current bytes.
+//! - [`blockstate`]: the per-disk block-values file kept between syncs; [`state`]: the rest of
+//!   the state directory (sync in progress, lock, trusted gateways).
+//! - [`target`]: the [`target::Target`] trait, the gateway and directory implementations;
+//!   [`tls`]: certificate pinning.
+//! - [`engine`]: one sync, end to end; [`schedule`]: `run --every`.
+//!
+//! Formats are documented in `docs/formats.md` ("Agent state"), the protocol in
+//! `docs/protocol.md`.
+
+pub mod bandwidth;
+pub mod blockstate;
+pub mod engine;
+pub mod plan;
+pub mod progress;
+pub mod schedule;
+pub mod source;
+pub mod state;
+pub mod target;
+pub mod tls;
+pub mod units;
+
+/// Displays an error and its sources, `: `-separated, for one-line logs.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

@@ -1,0 +1,183 @@
+//! Where a host's disks are synced to: one trait, two implementations.
+//!
+//! - [`gateway::GatewayTarget`]: the Cloud Sync Gateway's S3 API (`docs/protocol.md`), over
+//!   HTTPS with the gateway's certificate pinned.
+//! - [`dir::DirTarget`]: a local directory (`dir:/path`), for quick local copies and tests. It
+//!   follows the same rules as the gateway: landed records name only durable data, and a point
+//!   exists once its manifest does.
+//!
+//! A target serves one host. Every method is safe to retry: `begin` and `commit` are
+//! idempotent, extents are written at fixed offsets.
+
+pub mod dir;
+pub mod gateway;
+
+use std::future::Future;
+
+use bytes::Bytes;
+use tern_core::protocol::{HostState, LandedExtent, SyncPlan};
+use tern_core::{DiskId, Manifest, PointId};
+
+/// A committed point as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointEntry {
+    /// The point.
+    pub id: PointId,
+    /// Size of its manifest in bytes.
+    pub manifest_len: u64,
+    /// When the target recorded it, Unix milliseconds.
+    pub modified_unix_ms: u64,
+}
+
+/// What kind of failure a target reported: it decides whether retrying can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Network trouble, a timeout or a server-side (5xx) error: retry later.
+    Transient,
+    /// The object does not exist.
+    NotFound,
+    /// Refused (bad credentials, access denied, invalid request): retrying will not help.
+    Permanent,
+}
+
+/// A target operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to {op}")]
+pub struct TargetError {
+    /// What was being done (a verb phrase).
+    pub op: String,
+    /// The kind of failure.
+    pub kind: ErrorKind,
+    /// The cause.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+impl TargetError {
+    /// A new error.
+    pub fn new(
+        op: impl Into<String>,
+        kind: ErrorKind,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self {
+            op: op.into(),
+            kind,
+            source: source.into(),
+        }
+    }
+
+    /// True when retrying later may succeed.
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+}
+
+/// A storage a host's disks are synced to.
+pub trait Target: Send + Sync + 'static {
+    /// A short description for logs (`https://gw:8443/web-01`, `dir:/backups/web-01`).
+    fn describe(&self) -> String;
+
+    /// The host's state: open sync, latest point, known disks.
+    fn state(&self) -> impl Future<Output = Result<HostState, TargetError>> + Send;
+
+    /// Opens (or re-opens) sync `sync` for the disks of `plan`.
+    fn begin(&self, sync: &PointId, plan: &SyncPlan) -> impl Future<Output = Result<(), TargetError>> + Send;
+
+    /// The extents durably written to `disk`'s volume since the last committed point, in the
+    /// order they were recorded. Empty for a disk the target does not know.
+    fn landed(&self, disk: &DiskId) -> impl Future<Output = Result<Vec<LandedExtent>, TargetError>> + Send;
+
+    /// Writes `body` at `offset` of `disk`'s volume; `digest` is the BLAKE3 of `body`.
+    fn put_extent(
+        &self,
+        sync: &PointId,
+        disk: &DiskId,
+        offset: u64,
+        body: Bytes,
+        digest: tern_core::Digest,
+    ) -> impl Future<Output = Result<(), TargetError>> + Send;
+
+    /// Zeroes `len` bytes at `offset` of `disk`'s volume.
+    fn put_zero(
+        &self,
+        sync: &PointId,
+        disk: &DiskId,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<(), TargetError>> + Send;
+
+    /// Commits the sync: answers once the point described by `manifest` exists.
+    fn commit(
+        &self,
+        sync: &PointId,
+        manifest: &Manifest,
+    ) -> impl Future<Output = Result<(), TargetError>> + Send;
+
+    /// The manifest of a committed point.
+    fn get_point(&self, point: &PointId) -> impl Future<Output = Result<Manifest, TargetError>> + Send;
+
+    /// The committed points, oldest first.
+    fn list_points(&self) -> impl Future<Output = Result<Vec<PointEntry>, TargetError>> + Send;
+}
+
+/// One of the target implementations, chosen at run time (`--target`).
+#[derive(Debug, Clone)]
+pub enum AnyTarget {
+    /// A gateway's S3 API.
+    Gateway(gateway::GatewayTarget),
+    /// A local directory.
+    Dir(dir::DirTarget),
+}
+
+macro_rules! delegate {
+    ($self:ident, $t:ident => $e:expr) => {
+        match $self {
+            AnyTarget::Gateway($t) => $e,
+            AnyTarget::Dir($t) => $e,
+        }
+    };
+}
+
+impl Target for AnyTarget {
+    fn describe(&self) -> String {
+        delegate!(self, t => t.describe())
+    }
+    async fn state(&self) -> Result<HostState, TargetError> {
+        delegate!(self, t => t.state().await)
+    }
+    async fn begin(&self, sync: &PointId, plan: &SyncPlan) -> Result<(), TargetError> {
+        delegate!(self, t => t.begin(sync, plan).await)
+    }
+    async fn landed(&self, disk: &DiskId) -> Result<Vec<LandedExtent>, TargetError> {
+        delegate!(self, t => t.landed(disk).await)
+    }
+    async fn put_extent(
+        &self,
+        sync: &PointId,
+        disk: &DiskId,
+        offset: u64,
+        body: Bytes,
+        digest: tern_core::Digest,
+    ) -> Result<(), TargetError> {
+        delegate!(self, t => t.put_extent(sync, disk, offset, body, digest).await)
+    }
+    async fn put_zero(
+        &self,
+        sync: &PointId,
+        disk: &DiskId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), TargetError> {
+        delegate!(self, t => t.put_zero(sync, disk, offset, len).await)
+    }
+    async fn commit(&self, sync: &PointId, manifest: &Manifest) -> Result<(), TargetError> {
+        delegate!(self, t => t.commit(sync, manifest).await)
+    }
+    async fn get_point(&self, point: &PointId) -> Result<Manifest, TargetError> {
+        delegate!(self, t => t.get_point(point).await)
+    }
+    async fn list_points(&self) -> Result<Vec<PointEntry>, TargetError> {
+        delegate!(self, t => t.list_points().await)
+    }
+}

@@ -1,0 +1,25 @@
+//! Tern's shared formats and block I/O.
+//!
+//! - [`geometry`]: how a disk is cut into chunks (4 MiB by default) and compare blocks.
+//! - [`digest`]: BLAKE3 chunk digests, zero detection, per-block chaining values that merge
+//!   into the chunk digest without hashing twice.
+//! - [`manifest`]: the recovery-point manifest, the one file that describes a point
+//!   (byte layout in `docs/formats.md`).
+//! - [`ids`]: validated host, disk and point identifiers.
+//! - `io` (feature `io`): the block I/O engines (io_uring and portable) used by the gateway to
+//!   write volumes and by the restore engine.
+
+pub mod digest;
+pub mod geometry;
+pub mod ids;
+#[cfg(feature = "io")]
+pub mod io;
+pub mod manifest;
+pub mod protocol;
+#[cfg(feature = "tls")]
+pub mod tls;
+
+pub use digest::Digest;
+pub use geometry::{ChunkGeometry, GeometryError};
+pub use ids::{DiskId, HostId, IdError, PointId};
+pub use manifest::{ChunkRef, DiskManifest, Manifest, ManifestError};

@@ -1,0 +1,202 @@
+//! The control plane: REST API (keys, hosts), `/healthz`, `/metrics`. Everything but
+//! `/healthz` needs `Authorization: Bearer <admin token>`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tern_core::HostId;
+use tracing::info;
+
+use crate::blockstore::{BlockStore, now_ms};
+use crate::db::KeyRecord;
+use crate::metrics::Metrics;
+use crate::secrets::{MasterKey, new_access_key_id, new_secret, token_matches};
+
+/// Shared state of the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlState {
+    /// Block store (and through it the DB).
+    pub store: Arc<BlockStore>,
+    /// Seals new secrets.
+    pub master: Arc<MasterKey>,
+    /// Metrics to expose.
+    pub metrics: Arc<Metrics>,
+    /// SHA-256 of the admin token.
+    pub admin_token_hash: [u8; 32],
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    hosts: Vec<HostId>,
+}
+
+/// A newly issued key (the only time its secret is shown).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IssuedKey {
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+    /// Hosts it may access.
+    pub hosts: Vec<HostId>,
+}
+
+#[derive(Debug, Serialize)]
+struct KeyView {
+    access_key_id: String,
+    hosts: Vec<HostId>,
+    created_unix_ms: u64,
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    tracing::warn!(error = %e, "control request failed");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal error (see the gateway log)",
+    )
+        .into_response()
+}
+
+async fn auth(State(st): State<ControlState>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| token_matches(t.trim(), &st.admin_token_hash));
+    if ok {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "admin token required",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(st): State<ControlState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn create_key(State(st): State<ControlState>, Json(req): Json<NewKey>) -> Response {
+    if req.hosts.is_empty() {
+        return (StatusCode::BAD_REQUEST, "a key needs at least one host").into_response();
+    }
+    let id = new_access_key_id();
+    let secret = new_secret();
+    let rec = KeyRecord {
+        hosts: req.hosts.clone(),
+        sealed_secret: hex::encode(st.master.seal(&id, &secret)),
+        created_unix_ms: now_ms(),
+    };
+    if let Err(e) = st.store.db().insert_key(&id, &rec) {
+        return internal(e);
+    }
+    info!(key = %id, hosts = ?req.hosts, "access key issued");
+    Json(IssuedKey {
+        access_key_id: id,
+        secret_access_key: secret,
+        hosts: req.hosts,
+    })
+    .into_response()
+}
+
+async fn list_keys(State(st): State<ControlState>) -> Response {
+    match st.store.db().keys() {
+        Ok(keys) => Json(
+            keys.into_iter()
+                .map(|(id, r)| KeyView {
+                    access_key_id: id,
+                    hosts: r.hosts,
+                    created_unix_ms: r.created_unix_ms,
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn delete_key(State(st): State<ControlState>, Path(id): Path<String>) -> Response {
+    match st.store.db().delete_key(&id) {
+        Ok(true) => {
+            info!(key = %id, "access key revoked");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => (StatusCode::NOT_FOUND, "no such key").into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct HostView {
+    host: HostId,
+    disks: Vec<tern_core::protocol::DiskState>,
+    open_sync: Option<String>,
+    points: Vec<PointView>,
+}
+
+#[derive(Debug, Serialize)]
+struct PointView {
+    id: String,
+    created_unix_ms: u64,
+    snapshots: Vec<crate::db::SnapshotRef>,
+}
+
+async fn list_hosts(State(st): State<ControlState>) -> Response {
+    let hosts = match st.store.db().hosts() {
+        Ok(h) => h,
+        Err(e) => return internal(e),
+    };
+    let mut out = Vec::new();
+    for (id, rec) in hosts {
+        let points = match st.store.db().points(&id) {
+            Ok(p) => p,
+            Err(e) => return internal(e),
+        };
+        out.push(HostView {
+            host: id,
+            disks: rec.disks,
+            open_sync: rec.open_sync.map(|s| s.id.to_string()),
+            points: points
+                .into_iter()
+                .map(|(pid, r)| PointView {
+                    id: pid.to_string(),
+                    created_unix_ms: r.created_unix_ms,
+                    snapshots: r.snapshots,
+                })
+                .collect(),
+        });
+    }
+    Json(out).into_response()
+}
+
+/// The control-plane router.
+pub fn router(st: ControlState) -> Router {
+    let authed = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/v1/keys", get(list_keys).post(create_key))
+        .route("/api/v1/keys/{id}", delete(delete_key))
+        .route("/api/v1/hosts", get(list_hosts))
+        .route_layer(middleware::from_fn_with_state(st.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(authed)
+        .with_state(st)
+}

@@ -1,0 +1,24 @@
+//! The Cloud Sync Gateway.
+//!
+//! - [`s3`]: the data plane, the S3 API mapped onto block mode (`docs/protocol.md`).
+//! - [`blockstore`]: volumes, open syncs, landed extents and commits: where the gateway writes
+//!   a volume and makes a recovery point.
+//! - [`provider`]: cloud providers (volumes, snapshots); [`provider::local`] is the default.
+//! - [`db`]: the metadata DB (redb).
+//! - [`control`]: REST API, `/healthz`, `/metrics`.
+//! - [`secrets`], [`tls`]: access keys, admin credential, certificate.
+//! - [`plan`]: how many gateways a fleet needs.
+//! - [`server`]: start-up and the TLS listeners.
+
+pub mod blockstore;
+pub mod config;
+pub mod control;
+pub mod db;
+pub mod fsutil;
+pub mod metrics;
+pub mod plan;
+pub mod provider;
+pub mod s3;
+pub mod secrets;
+pub mod server;
+pub mod tls;

@@ -1,0 +1,273 @@
+//! `tern-gateway`: the Cloud Sync Gateway daemon and its admin commands.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tern_gateway::config::{Config, ConfigFile};
+use tern_gateway::plan::{FleetHost, plan};
+use tern_gateway::server::{Endpoint, admin_token_path, endpoint_path, run};
+
+#[derive(Parser, Debug)]
+#[command(name = "tern-gateway", version, about = "Tern Cloud Sync Gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Configuration file (TOML, see docs/gateway.md).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides the file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Data-plane (S3) listen address (overrides the file).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Control-plane listen address (overrides the file).
+        #[arg(long)]
+        control_listen: Option<SocketAddr>,
+        /// I/O engine: auto, io_uring or portable (overrides the file).
+        #[arg(long)]
+        engine: Option<tern_core::io::EngineChoice>,
+    },
+    /// Manage data-plane access keys of a running gateway.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+        /// The gateway's data directory (for its endpoint, certificate and admin token).
+        #[arg(long, global = true, default_value = "/var/lib/tern-gateway")]
+        data_dir: PathBuf,
+    },
+    /// List protected hosts, their disks and recovery points.
+    Hosts {
+        /// The gateway's data directory.
+        #[arg(long, default_value = "/var/lib/tern-gateway")]
+        data_dir: PathBuf,
+    },
+    /// How many gateways a fleet needs and which disks go to which.
+    Plan {
+        /// A host and its disk count, e.g. `web01=2` (repeat).
+        #[arg(long = "host", value_name = "NAME=DISKS", required = true)]
+        hosts: Vec<String>,
+        /// The cloud's maximum volumes attached to one instance.
+        #[arg(long, default_value_t = 20)]
+        max_volumes: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Issue a key for one or more hosts; prints its id and secret once.
+    Create {
+        /// Host the key may sync (repeat).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+    },
+    /// List keys (no secrets).
+    List,
+    /// Revoke a key.
+    Revoke {
+        /// Access key id.
+        id: String,
+    },
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,s3s=off".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+struct ControlClient {
+    client: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl ControlClient {
+    fn from_data_dir(dir: &Path) -> anyhow::Result<Self> {
+        let ep_path = endpoint_path(dir);
+        let ep: Endpoint = serde_json::from_slice(
+            &std::fs::read(&ep_path)
+                .with_context(|| format!("reading {} (is the gateway running?)", ep_path.display()))?,
+        )?;
+        let token_path = admin_token_path(dir);
+        let token = std::fs::read_to_string(&token_path)
+            .with_context(|| format!("reading the admin token {}", token_path.display()))?
+            .trim()
+            .to_owned();
+        let tls = tern_core::tls::pinned_client_config(ep.fingerprint.clone())?;
+        let client = reqwest::Client::builder().use_preconfigured_tls(tls).build()?;
+        let host = if ep.control.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], ep.control.port()))
+        } else {
+            ep.control
+        };
+        Ok(Self {
+            client,
+            base: format!("https://{host}"),
+            token,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<String> {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&b)?);
+        }
+        let resp = req.send().await.context("calling the gateway's control plane")?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("gateway answered {status}: {text}");
+        }
+        Ok(text)
+    }
+}
+
+fn parse_fleet(hosts: &[String]) -> anyhow::Result<Vec<FleetHost>> {
+    hosts
+        .iter()
+        .map(|h| {
+            let (name, disks) = h
+                .split_once('=')
+                .with_context(|| format!("{h:?} is not NAME=DISKS"))?;
+            Ok(FleetHost {
+                name: name.to_owned(),
+                disks: disks.parse().with_context(|| format!("{h:?}: disk count"))?,
+            })
+        })
+        .collect()
+}
+
+async fn main_inner(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            config,
+            data_dir,
+            listen,
+            control_listen,
+            engine,
+        } => {
+            let mut file = match &config {
+                Some(p) => ConfigFile::load(p)?,
+                None => ConfigFile::default(),
+            };
+            if data_dir.is_some() {
+                file.data_dir = data_dir;
+            }
+            if listen.is_some() {
+                file.data_plane.listen = listen;
+            }
+            if control_listen.is_some() {
+                file.control_plane.listen = control_listen;
+            }
+            if engine.is_some() {
+                file.io.engine = engine;
+            }
+            let config: Config = file.validate()?;
+            run(config, async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+            })
+            .await
+        }
+        Command::Key { command, data_dir } => {
+            let c = ControlClient::from_data_dir(&data_dir)?;
+            let out = match command {
+                KeyCommand::Create { hosts } => {
+                    c.call(
+                        reqwest::Method::POST,
+                        "/api/v1/keys",
+                        Some(serde_json::json!({ "hosts": hosts })),
+                    )
+                    .await?
+                }
+                KeyCommand::List => c.call(reqwest::Method::GET, "/api/v1/keys", None).await?,
+                KeyCommand::Revoke { id } => {
+                    c.call(reqwest::Method::DELETE, &format!("/api/v1/keys/{id}"), None)
+                        .await?
+                }
+            };
+            if !out.is_empty() {
+                println!("{out}");
+            }
+            Ok(())
+        }
+        Command::Hosts { data_dir } => {
+            let c = ControlClient::from_data_dir(&data_dir)?;
+            let out = c.call(reqwest::Method::GET, "/api/v1/hosts", None).await?;
+            let v: serde_json::Value = serde_json::from_str(&out)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Command::Plan {
+            hosts,
+            max_volumes,
+            json,
+        } => {
+            let fleet = parse_fleet(&hosts)?;
+            let p = plan(&fleet, max_volumes)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                let disks: u32 = fleet.iter().map(|h| h.disks).sum();
+                println!(
+                    "{} hosts, {disks} disks, {max_volumes} volumes per gateway -> {} gateway(s)",
+                    fleet.len(),
+                    p.len()
+                );
+                for (i, g) in p.iter().enumerate() {
+                    let list: Vec<String> = g.hosts.iter().map(|(h, d)| format!("{h}({d})")).collect();
+                    println!("gateway {}: {} volumes: {}", i + 1, g.volumes, list.join(" "));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tern-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(main_inner(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

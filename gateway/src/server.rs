@@ -1,0 +1,180 @@
+//! Starting the gateway: data directory, TLS identity, credentials, DB, provider, both
+//! listeners.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use hyper_util::service::TowerToHyperService;
+use s3s::service::S3ServiceBuilder;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::blockstore::{BlockStore, LandedBatching};
+use crate::config::Config;
+use crate::control::{ControlState, router};
+use crate::db::MetaDb;
+use crate::fsutil::{write_atomic, write_secret_atomic};
+use crate::metrics::Metrics;
+use crate::provider::local::LocalProvider;
+use crate::s3::{DataPlane, HostAccess, KeyAuth};
+use crate::secrets::{MasterKey, new_admin_token, token_hash};
+use crate::tls::TlsIdentity;
+
+/// Where a running gateway can be reached; written to `<data_dir>/endpoint.json` at start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Data-plane address.
+    pub data: SocketAddr,
+    /// Control-plane address.
+    pub control: SocketAddr,
+    /// Certificate fingerprint.
+    pub fingerprint: String,
+}
+
+/// Files of the data directory.
+pub fn endpoint_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("endpoint.json")
+}
+
+/// The admin token file (mode 0600), written once at first start.
+pub fn admin_token_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("admin.token")
+}
+
+/// Runs the gateway until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    let tls = TlsIdentity::load_or_create(&dir.join("tls")).context("loading the TLS identity")?;
+    if tls.created {
+        info!(fingerprint = %tls.fingerprint, "TLS certificate created");
+    }
+    let master =
+        Arc::new(MasterKey::load_or_create(&dir.join("master.key")).context("loading the master key")?);
+    let db = MetaDb::open(&dir.join("meta.redb")).context("opening the metadata DB")?;
+    let admin_hash = match db.meta("admin_token_sha256")? {
+        Some(h) if h.len() == 32 => {
+            let mut a = [0u8; 32];
+            a.copy_from_slice(&h);
+            a
+        }
+        _ => {
+            let token = new_admin_token();
+            let path = admin_token_path(dir);
+            write_secret_atomic(&path, format!("{token}\n").as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            let h = token_hash(&token);
+            db.set_meta("admin_token_sha256", &h)?;
+            info!(path = %path.display(), "admin credential created (shown only in that file)");
+            h
+        }
+    };
+    let metrics = Arc::new(Metrics::default());
+    let provider =
+        Arc::new(LocalProvider::new(dir, config.preallocate).context("starting the local provider")?);
+    let store = BlockStore::new(
+        db.clone(),
+        provider,
+        config.io.clone(),
+        LandedBatching {
+            interval: Duration::from_millis(config.landed_batch_ms),
+            max: config.landed_batch_max,
+        },
+        metrics.clone(),
+    );
+    let removed = store
+        .remove_orphan_snapshots()
+        .await
+        .context("removing orphan snapshots")?;
+    if removed > 0 {
+        info!(removed, "orphan snapshots removed");
+    }
+    let mut s3 = S3ServiceBuilder::new(DataPlane::new(store.clone(), metrics.clone()));
+    s3.set_auth(KeyAuth::new(db.clone(), master.clone()));
+    s3.set_access(HostAccess::new(db.clone()));
+    let s3 = s3.build();
+    let control = router(ControlState {
+        store,
+        master,
+        metrics,
+        admin_token_hash: admin_hash,
+    });
+
+    let acceptor = TlsAcceptor::from(tls.server_config()?);
+    let data_l = TcpListener::bind(config.data_listen)
+        .await
+        .with_context(|| format!("binding {}", config.data_listen))?;
+    let control_l = TcpListener::bind(config.control_listen)
+        .await
+        .with_context(|| format!("binding {}", config.control_listen))?;
+    let endpoint = Endpoint {
+        data: data_l.local_addr()?,
+        control: control_l.local_addr()?,
+        fingerprint: tls.fingerprint.clone(),
+    };
+    write_atomic(&endpoint_path(dir), &serde_json::to_vec_pretty(&endpoint)?)?;
+    info!(data = %endpoint.data, control = %endpoint.control, fingerprint = %endpoint.fingerprint, engine = ?tern_core::io::engine_in_use(), version = env!("CARGO_PKG_VERSION"), "tern-gateway serving");
+    println!(
+        "tern-gateway {} serving S3 on https://{} and control on https://{}\ncertificate fingerprint {}",
+        env!("CARGO_PKG_VERSION"),
+        endpoint.data,
+        endpoint.control,
+        endpoint.fingerprint
+    );
+    let data = tokio::spawn(serve_tls(data_l, acceptor.clone(), s3));
+    let ctl = tokio::spawn(serve_tls(control_l, acceptor, TowerToHyperService::new(control)));
+    shutdown.await;
+    info!("shutting down");
+    data.abort();
+    ctl.abort();
+    Ok(())
+}
+
+async fn serve_tls<S, B>(listener: TcpListener, acceptor: TlsAcceptor, service: S)
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return debug!(%peer, "TLS handshake timed out"),
+            };
+            let builder = ConnBuilder::new(TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,325 @@
+//! End-to-end test support: real `tern-gateway` and `tern-agent` processes, real TLS, real
+//! volume files.
+//!
+//! These tests run when `TERN_E2E=1` (set by `scripts/test`) and take the binaries from
+//! `TERN_BIN_DIR` (default `target/release`); otherwise they print why they skip.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rand::{Rng, RngCore, SeedableRng};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Where the binaries are, or `None` (with a printed reason) when end-to-end tests are off.
+pub fn e2e(test: &str) -> Option<PathBuf> {
+    if std::env::var("TERN_E2E").ok().as_deref() != Some("1") {
+        eprintln!("skipped {test}: end-to-end test; set TERN_E2E=1 (scripts/test does) to run it");
+        return None;
+    }
+    let dir = std::env::var_os("TERN_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"));
+    for b in ["tern-gateway", "tern-agent"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} missing: build with `cargo build --release --bins`",
+            dir.join(b).display()
+        );
+    }
+    Some(dir)
+}
+
+/// Whether this process runs as root (loop devices).
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// The endpoint file a gateway writes at start.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Endpoint {
+    /// Data plane.
+    pub data: std::net::SocketAddr,
+    /// Control plane.
+    pub control: std::net::SocketAddr,
+    /// Certificate fingerprint.
+    pub fingerprint: String,
+}
+
+/// An issued access key.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Key {
+    /// Id.
+    pub access_key_id: String,
+    /// Secret.
+    pub secret_access_key: String,
+}
+
+/// A running gateway process.
+#[derive(Debug)]
+pub struct Gateway {
+    bin: PathBuf,
+    /// Data directory.
+    pub dir: PathBuf,
+    child: Option<Child>,
+    /// Where it listens.
+    pub endpoint: Endpoint,
+    extra: Vec<String>,
+}
+
+impl Gateway {
+    /// Starts a gateway on free loopback ports with `extra` arguments to `serve`.
+    pub fn start(bins: &Path, dir: &Path, extra: &[&str]) -> Result<Self> {
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let (child, endpoint) = Self::spawn(bins, dir, "127.0.0.1:0", "127.0.0.1:0", &extra)?;
+        Ok(Self {
+            bin: bins.join("tern-gateway"),
+            dir: dir.to_owned(),
+            child: Some(child),
+            endpoint,
+            extra,
+        })
+    }
+
+    fn spawn(
+        bins: &Path,
+        dir: &Path,
+        data: &str,
+        control: &str,
+        extra: &[String],
+    ) -> Result<(Child, Endpoint)> {
+        let ep_path = dir.join("endpoint.json");
+        let _ = std::fs::remove_file(&ep_path);
+        std::fs::create_dir_all(dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("gateway.log"))?;
+        let mut child = Command::new(bins.join("tern-gateway"))
+            .args(["serve", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", data, "--control-listen", control])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting tern-gateway")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(b) = std::fs::read(&ep_path)
+                && let Ok(ep) = serde_json::from_slice::<Endpoint>(&b)
+            {
+                return Ok((child, ep));
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "tern-gateway exited with {status}: {}",
+                    std::fs::read_to_string(dir.join("gateway.log"))?
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("tern-gateway did not start within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The data-plane URL.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.endpoint.data)
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        let bins = self.bin.parent().context("bin dir")?.to_owned();
+        let (d, c) = (self.endpoint.data.to_string(), self.endpoint.control.to_string());
+        let (child, ep) = Self::spawn(&bins, &self.dir, &d, &c, &self.extra)?;
+        self.child = Some(child);
+        self.endpoint = ep;
+        Ok(())
+    }
+
+    /// Issues an access key for `host`.
+    pub fn key(&self, host: &str) -> Result<Key> {
+        let out = run_ok(
+            Command::new(&self.bin)
+                .args(["key", "create", "--host", host, "--data-dir"])
+                .arg(&self.dir),
+        )?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// The file of a point's snapshot of `disk` (local provider).
+    pub fn snapshot_path(&self, host: &str, disk: &str, point: &str) -> PathBuf {
+        self.dir
+            .join("snapshots")
+            .join(format!("{host}.{disk}.{point}.img"))
+    }
+
+    /// The file of a disk's volume (local provider).
+    pub fn volume_path(&self, host: &str, disk: &str) -> PathBuf {
+        self.dir.join("volumes").join(format!("{host}.{disk}.img"))
+    }
+
+    /// A control-plane GET with the admin token.
+    pub fn control_get(&self, path: &str) -> Result<String> {
+        let token = std::fs::read_to_string(self.dir.join("admin.token"))?
+            .trim()
+            .to_owned();
+        let tls = tern_core::tls::pinned_client_config(self.endpoint.fingerprint.clone())?;
+        let url = format!("https://{}{path}", self.endpoint.control);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let c = reqwest::Client::builder().use_preconfigured_tls(tls).build()?;
+            let r = c.get(url).bearer_auth(token).send().await?;
+            let status = r.status();
+            let text = r.text().await?;
+            if !status.is_success() {
+                bail!("{status}: {text}");
+            }
+            Ok(text)
+        })
+    }
+
+    /// The value of a counter in `/metrics` (0 when absent).
+    pub fn metric(&self, name: &str) -> Result<u64> {
+        let text = self.control_get("/metrics")?;
+        Ok(text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|r| r.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .map(|v| v as u64)
+            .unwrap_or(0))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a command and fails with its output unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// A deterministic RNG for a test.
+pub fn rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Writes `len` random bytes at `offset`.
+pub fn write_random(path: &Path, offset: u64, len: usize, rng: &mut impl RngCore) -> Result<()> {
+    let mut buf = vec![0u8; len];
+    rng.fill_bytes(&mut buf);
+    write_at(path, offset, &buf)
+}
+
+/// Writes `data` at `offset`.
+pub fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// A sparse disk image of `size` bytes with, per 4 MiB chunk in turn: a hole, random data,
+/// written zeros, half random half hole. Returns the bytes of non-zero data.
+pub fn make_disk(path: &Path, size: u64, rng: &mut impl RngCore) -> Result<u64> {
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    drop(f);
+    let chunk = 4u64 << 20;
+    let mut data = 0;
+    let mut i = 0;
+    while i * chunk < size {
+        let off = i * chunk;
+        let len = chunk.min(size - off);
+        match i % 4 {
+            1 => {
+                write_random(path, off, len as usize, rng)?;
+                data += len;
+            }
+            2 => write_at(path, off, &vec![0u8; len as usize])?,
+            3 => {
+                let half = (len / 2).div_ceil(4096) * 4096;
+                write_random(path, off, half.min(len) as usize, rng)?;
+                data += half.min(len);
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(data)
+}
+
+/// One round of changes: random writes of 4 KiB to 8 MiB at 512-byte aligned offsets (some
+/// across chunk boundaries), one that zeroes a whole chunk, one in the last partial chunk.
+pub fn random_writes(path: &Path, rng: &mut rand::rngs::StdRng, writes: usize) -> Result<()> {
+    let size = std::fs::metadata(path)?.len();
+    let chunk = 4u64 << 20;
+    for _ in 0..writes {
+        let len = rng.random_range(4096..=(8u64 << 20)).min(size) as usize;
+        let off = rng.random_range(0..=(size - len as u64) / 512) * 512;
+        write_random(path, off, len, rng)?;
+    }
+    // Straddle a chunk boundary explicitly.
+    let boundary = (rng.random_range(1..size.div_ceil(chunk).max(2)) * chunk).min(size - 4096);
+    write_random(path, boundary.saturating_sub(2048), 4096, rng)?;
+    // Zero a whole chunk.
+    let full_chunks = size / chunk;
+    if full_chunks > 0 {
+        let c = rng.random_range(0..full_chunks);
+        write_at(path, c * chunk, &vec![0u8; chunk as usize])?;
+    }
+    // Touch the last (possibly partial) chunk.
+    let last = (size - 1) / chunk * chunk;
+    let tail = (size - last).min(8192) as usize;
+    write_random(path, size - tail as u64, tail, rng)?;
+    let _ = last;
+    Ok(())
+}
