@@ -1,0 +1,171 @@
+//! kill -9 of the agent and of the gateway in the middle of a full sync: the sync resumes,
+//! sends at most what was missing plus the in-flight window, no point exists for the
+//! interrupted sync until it ends, and the final point is byte-identical to the source.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use tern_tests::{Gateway, Key, e2e, rng, run_ok, sha256_file, write_random};
+
+const HOST: &str = "web-01";
+const DISK_SIZE: u64 = 512 << 20;
+const CHUNK: u64 = 4 << 20;
+const WINDOW: u64 = 8;
+/// What the gateway may lose when killed: extents written during one landed batch interval
+/// (500 ms at the agent's 100 MB/s limit), rounded up.
+const BATCH_LOSS: u64 = 64 << 20;
+
+fn agent_cmd(bins: &Path, gw: &Gateway, key: &Key, state: &Path, disk: &Path) -> Command {
+    let mut cmd = Command::new(bins.join("tern-agent"));
+    cmd.args([
+        "sync",
+        "--host",
+        HOST,
+        "--target",
+        &gw.url(),
+        "--fingerprint",
+        &gw.endpoint.fingerprint,
+    ])
+    .args([
+        "--access-key-id",
+        &key.access_key_id,
+        "--no-progress",
+        "--window",
+        &WINDOW.to_string(),
+    ])
+    .arg("--state-dir")
+    .arg(state)
+    .arg("--disk")
+    .arg(format!("sda={}", disk.display()))
+    .env("TERN_SECRET_ACCESS_KEY", &key.secret_access_key)
+    .env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Starts a rate-limited sync and returns it once the gateway has received about half.
+fn start_and_wait_half(
+    bins: &Path,
+    gw: &Gateway,
+    key: &Key,
+    state: &Path,
+    disk: &Path,
+) -> Result<(Child, u64)> {
+    let mut child = agent_cmd(bins, gw, key, state, disk)
+        .args(["--bwlimit", "100M"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = gw.metric("tern_gateway_bytes_in_total")?;
+        if got >= DISK_SIZE / 2 {
+            return Ok((child, got));
+        }
+        if let Some(s) = child.try_wait()? {
+            bail!("agent ended ({s}) before half of the sync");
+        }
+        if Instant::now() > deadline {
+            bail!("sync did not reach half in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill9(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn points(gw: &Gateway) -> Result<usize> {
+    let hosts: serde_json::Value = serde_json::from_str(&gw.control_get("/api/v1/hosts")?)?;
+    Ok(hosts
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| h["points"].as_array().map_or(0, Vec::len))
+        .sum())
+}
+
+fn finish(bins: &Path, gw: &Gateway, key: &Key, state: &Path, disk: &Path) -> Result<serde_json::Value> {
+    let out = run_ok(&mut agent_cmd(bins, gw, key, state, disk))?;
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn setup(seed: u64) -> Result<(tempfile::TempDir, std::path::PathBuf)> {
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("sda.img");
+    std::fs::File::create(&disk)?.set_len(DISK_SIZE)?;
+    let mut r = rng(seed);
+    let mut off = 0;
+    while off < DISK_SIZE {
+        write_random(&disk, off, 64 << 20, &mut r)?;
+        off += 64 << 20;
+    }
+    Ok((tmp, disk))
+}
+
+#[test]
+fn agent_killed_mid_sync_resumes_and_sends_only_what_is_missing() -> Result<()> {
+    let Some(bins) = e2e("agent_killed_mid_sync_resumes_and_sends_only_what_is_missing") else {
+        return Ok(());
+    };
+    let (tmp, disk) = setup(11)?;
+    let gw = Gateway::start(&bins, &tmp.path().join("gw"), &[])?;
+    let key = gw.key(HOST)?;
+    let state = tmp.path().join("agent");
+    let (mut agent, _) = start_and_wait_half(&bins, &gw, &key, &state, &disk)?;
+    kill9(&mut agent);
+    std::thread::sleep(Duration::from_millis(700));
+    let landed = gw.metric("tern_gateway_bytes_in_total")?;
+    assert_eq!(points(&gw)?, 0, "a point exists for an interrupted sync");
+    let want = sha256_file(&disk)?;
+    let summary = finish(&bins, &gw, &key, &state, &disk)?;
+    let sent = summary["bytes_sent"].as_u64().expect("bytes_sent");
+    let bound = DISK_SIZE - landed + WINDOW * CHUNK;
+    assert!(
+        sent <= bound,
+        "resumed sync sent {sent} bytes; missing {} + window {}",
+        DISK_SIZE - landed,
+        WINDOW * CHUNK
+    );
+    assert!(sent < DISK_SIZE, "resume sent the whole disk again");
+    let point = summary["point_id"].as_str().expect("point_id");
+    assert_eq!(sha256_file(&gw.snapshot_path(HOST, "sda", point))?, want);
+    assert_eq!(points(&gw)?, 1);
+    Ok(())
+}
+
+#[test]
+fn gateway_killed_mid_sync_resumes_and_sends_only_what_is_missing() -> Result<()> {
+    let Some(bins) = e2e("gateway_killed_mid_sync_resumes_and_sends_only_what_is_missing") else {
+        return Ok(());
+    };
+    let (tmp, disk) = setup(12)?;
+    let mut gw = Gateway::start(&bins, &tmp.path().join("gw"), &[])?;
+    let key = gw.key(HOST)?;
+    let state = tmp.path().join("agent");
+    let (mut agent, received) = start_and_wait_half(&bins, &gw, &key, &state, &disk)?;
+    gw.kill9();
+    kill9(&mut agent);
+    gw.restart()?;
+    assert_eq!(points(&gw)?, 0, "a point exists for an interrupted sync");
+    let want = sha256_file(&disk)?;
+    let summary = finish(&bins, &gw, &key, &state, &disk)?;
+    let sent = summary["bytes_sent"].as_u64().expect("bytes_sent");
+    let bound = DISK_SIZE - received + WINDOW * CHUNK + BATCH_LOSS;
+    assert!(
+        sent <= bound,
+        "resumed sync sent {sent} bytes; missing at most {} + window {} + one batch {}",
+        DISK_SIZE - received,
+        WINDOW * CHUNK,
+        BATCH_LOSS
+    );
+    // What the restarted gateway received is what the agent sent after the restart.
+    assert_eq!(gw.metric("tern_gateway_bytes_in_total")?, sent);
+    let point = summary["point_id"].as_str().expect("point_id");
+    assert_eq!(sha256_file(&gw.snapshot_path(HOST, "sda", point))?, want);
+    assert_eq!(points(&gw)?, 1);
+    Ok(())
+}
