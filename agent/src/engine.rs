@@ -29,7 +29,6 @@ use futures::StreamExt;
 use serde::Serialize;
 use tern_core::digest::BlockHasher;
 use tern_core::geometry::{BlockLayout, ChunkGeometry, GeometryError};
-use tern_core::io::AlignedBuf;
 use tern_core::manifest::ManifestError;
 use tern_core::protocol::{LandedExtent, PlannedDisk, SyncPlan};
 use tern_core::{ChunkRef, DiskId, DiskManifest, HostId, Manifest, PointId};
@@ -279,6 +278,8 @@ struct DiskWork {
     landed: HashMap<u64, Vec<LandedExtent>>,
     /// One chunk of zeros: the content of chunks that are all hole.
     zeros: Vec<u8>,
+    /// Read buffers, one chunk (rounded up to 4 KiB) each.
+    buffers: Arc<crate::bufpool::BufPool>,
     damaged_warned: AtomicBool,
 }
 
@@ -313,14 +314,24 @@ impl DiskWork {
         let buf = if segments.is_empty() {
             None
         } else {
-            let mut buf = AlignedBuf::zeroed((len as u64).next_multiple_of(READ_ALIGN) as usize);
+            let mut buf = self.buffers.get();
+            // Holes between the data segments read as zeros; the pooled buffer is not zeroed.
+            let mut pos = 0;
             for seg in &segments {
                 let rel = (seg.start - range.start) as usize..(seg.end - range.start) as usize;
+                buf[pos..rel.start].fill(0);
+                pos = rel.end;
                 let n = self
                     .source
-                    .read_at(&mut buf[rel], seg.start)
+                    .read_at(&mut buf[rel.clone()], seg.start)
                     .map_err(|e| self.source_err(e))?;
+                // A read that ended early (at the end of the file) leaves zeros, not old bytes.
+                buf[rel.start + n..rel.end].fill(0);
                 bytes_read += n as u64;
+            }
+            // Segments may end past the chunk (rounded up to 4 KiB for O_DIRECT).
+            if pos < len {
+                buf[pos..len].fill(0);
             }
             buf.truncate(len);
             Some(buf)
@@ -485,6 +496,9 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
                 landed: group_landed(&geometry, &landed),
                 baseline,
                 zeros: vec![0; opts.chunk_size as usize],
+                buffers: crate::bufpool::BufPool::new(
+                    u64::from(opts.chunk_size).next_multiple_of(READ_ALIGN) as usize,
+                ),
                 damaged_warned: AtomicBool::new(false),
             });
             let baseline_name = work.baseline.name();

@@ -16,6 +16,7 @@
 
 pub mod bandwidth;
 pub mod blockstate;
+pub mod bufpool;
 pub mod engine;
 pub mod plan;
 pub mod progress;

@@ -660,17 +660,67 @@ impl BlockStore {
     }
 }
 
+/// What the landed task holds between flushes.
+#[derive(Default)]
+struct LandedQueue {
+    /// Real records (and intents that must follow them), in arrival order.
+    pending: Vec<LandedRecord>,
+    /// Volumes the pending records were written to.
+    volumes: Vec<Arc<Volume>>,
+    /// Answered after the next flush.
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// Intents that can be recorded at once, on their own.
+    intents: Vec<LandedRecord>,
+    /// Answered after the next intent commit.
+    intent_waiters: Vec<oneshot::Sender<Result<(), String>>>,
+}
+
+impl LandedQueue {
+    /// Queues a message; returns whether a flush is due now.
+    fn take(&mut self, m: LandedMsg, max: usize) -> bool {
+        match m {
+            LandedMsg::Record(r, v) => {
+                if !self.volumes.iter().any(|x| Arc::ptr_eq(x, &v)) {
+                    self.volumes.push(v);
+                }
+                self.pending.push(r);
+                self.pending.len() >= max
+            }
+            LandedMsg::Intent(r, w) => {
+                // An intent is recorded on its own, without waiting for the data of pending
+                // records, unless a pending record of an overlapping range would then be
+                // recorded after it and hide it: then everything is flushed in order.
+                let overlaps = self.pending.iter().any(|p| {
+                    p.host == r.host
+                        && p.disk == r.disk
+                        && p.extent.offset < r.extent.offset + u64::from(r.extent.len)
+                        && r.extent.offset < p.extent.offset + u64::from(p.extent.len)
+                });
+                if overlaps {
+                    self.pending.push(r);
+                    self.waiters.push(w);
+                    true
+                } else {
+                    self.intents.push(r);
+                    self.intent_waiters.push(w);
+                    false
+                }
+            }
+            LandedMsg::Flush(w) => {
+                self.waiters.push(w);
+                true
+            }
+        }
+    }
+}
+
 async fn landed_task(
     db: MetaDb,
     mut rx: mpsc::UnboundedReceiver<LandedMsgBox>,
     batching: LandedBatching,
     metrics: Arc<Metrics>,
 ) {
-    // Records in arrival order; intents must not overtake earlier records of the same range,
-    // so a flush always writes everything queued, in order.
-    let mut pending: Vec<LandedRecord> = Vec::new();
-    let mut volumes: Vec<Arc<Volume>> = Vec::new();
-    let mut waiters: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
+    let mut q = LandedQueue::default();
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         // `Some(None)` is the batch timer firing; `None` the channel closing.
@@ -683,37 +733,40 @@ async fn landed_task(
         };
         let closing = msg.is_none();
         let mut flush_now = closing || matches!(msg, Some(None));
-        let mut take = |m: LandedMsg, flush_now: &mut bool| match m {
-            LandedMsg::Record(r, v) => {
-                if !volumes.iter().any(|x| Arc::ptr_eq(x, &v)) {
-                    volumes.push(v);
-                }
-                pending.push(r);
-                *flush_now |= pending.len() >= batching.max;
-            }
-            LandedMsg::Intent(r, w) => {
-                pending.push(r);
-                waiters.push(w);
-                *flush_now = true;
-            }
-            LandedMsg::Flush(w) => {
-                waiters.push(w);
-                *flush_now = true;
-            }
-        };
         if let Some(Some(LandedMsgBox(m))) = msg {
-            take(m, &mut flush_now);
+            flush_now |= q.take(m, batching.max);
+        }
+        // Group commit: whatever else is queued now joins this round.
+        while let Ok(LandedMsgBox(m)) = rx.try_recv() {
+            flush_now |= q.take(m, batching.max);
+        }
+        if !q.intents.is_empty() {
+            let batch = std::mem::take(&mut q.intents);
+            let db2 = db.clone();
+            let result = tokio::task::spawn_blocking(move || db2.record_landed(&batch))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| format!("{e}")));
+            if let Err(e) = &result {
+                metrics.error("landed");
+                warn!(error = %e, "recording write intents failed");
+            }
+            for w in q.intent_waiters.drain(..) {
+                let _ = w.send(result.clone());
+            }
         }
         if !flush_now {
-            deadline.get_or_insert_with(|| tokio::time::Instant::now() + batching.interval);
+            if !q.pending.is_empty() {
+                deadline.get_or_insert_with(|| tokio::time::Instant::now() + batching.interval);
+            }
             continue;
         }
-        // Take what is already queued too, so one flush (one fdatasync per volume, one
-        // transaction) covers it: this is the group commit.
-        while let Ok(LandedMsgBox(m)) = rx.try_recv() {
-            take(m, &mut flush_now);
-        }
-        let result = flush(&db, std::mem::take(&mut pending), std::mem::take(&mut volumes)).await;
+        let result = flush(
+            &db,
+            std::mem::take(&mut q.pending),
+            std::mem::take(&mut q.volumes),
+        )
+        .await;
         match &result {
             Ok(()) => {
                 metrics.landed_batches.inc();
@@ -723,7 +776,7 @@ async fn landed_task(
                 warn!(error = %e, "recording landed extents failed; the agent will resend them");
             }
         }
-        for w in waiters.drain(..) {
+        for w in q.waiters.drain(..) {
             let _ = w.send(result.clone());
         }
         deadline = None;

@@ -23,6 +23,10 @@ use crate::db::MetaDb;
 use crate::metrics::Metrics;
 use crate::secrets::MasterKey;
 
+/// Longest an extent body may stall between two pieces before the request is dropped: a stalled
+/// upload holds I/O buffer memory of its volume, so half-open connections must not keep it.
+const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Largest sync plan body.
 const MAX_PLAN_LEN: usize = 1 << 20;
 
@@ -167,7 +171,14 @@ impl DataPlane {
         let mut hasher = blake3::Hasher::new();
         let mut got = 0usize;
         if let Some(mut body) = input.body {
-            while let Some(piece) = body.next().await {
+            loop {
+                let next = tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next())
+                    .await
+                    .map_err(|_| BlockError::Incomplete {
+                        got: got as u64,
+                        expected: len,
+                    })?;
+                let Some(piece) = next else { break };
                 let piece: Bytes = piece.map_err(BlockError::Body)?;
                 let end = got + piece.len();
                 if end as u64 > len {

@@ -112,14 +112,14 @@ impl TlsIdentity {
         })
     }
 
-    /// A rustls server configuration (aws-lc-rs, TLS 1.2/1.3, ALPN h2 + http/1.1).
-    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    /// A rustls server configuration (aws-lc-rs, TLS 1.2/1.3) offering the ALPN `protocols`.
+    pub fn server_config(&self, protocols: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(self.certs.clone(), self.key.clone_key())?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
 }
@@ -136,7 +136,7 @@ mod tests {
         let b = TlsIdentity::load_or_create(dir.path()).unwrap();
         assert!(!b.created);
         assert_eq!(a.fingerprint, b.fingerprint);
-        assert!(b.server_config().is_ok());
+        assert!(b.server_config(&[b"http/1.1"]).is_ok());
         let mode = std::fs::metadata(dir.path().join("key.pem")).unwrap();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o077,
