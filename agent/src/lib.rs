@@ -24,8 +24,10 @@ pub mod schedule;
 pub mod source;
 pub mod state;
 pub mod target;
-pub mod tls;
 pub mod units;
+
+/// Certificate pinning (shared with the gateway CLI and tests).
+pub use tern_core::tls;
 
 /// Displays an error and its sources, `: `-separated, for one-line logs.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -110,7 +110,7 @@ impl ControlClient {
             .with_context(|| format!("reading the admin token {}", token_path.display()))?
             .trim()
             .to_owned();
-        let tls = tern_core::tls::pinned_client_config(ep.fingerprint.clone())?;
+        let tls = tern_core::tls::pinned_client_config(&ep.fingerprint)?;
         let client = reqwest::Client::builder().use_preconfigured_tls(tls).build()?;
         let host = if ep.control.ip().is_unspecified() {
             SocketAddr::from(([127, 0, 0, 1], ep.control.port()))

@@ -89,7 +89,7 @@ impl TlsIdentity {
             path: cert_path.clone(),
             what: "certificate",
         })?;
-        let fingerprint = tern_core::tls::fingerprint(first);
+        let fingerprint = tern_core::tls::Fingerprint::of(first).to_string();
         let key_pem = read(&key_path)?;
         let key = rustls_pemfile::pkcs8_private_keys(&mut key_pem.as_slice())
             .next()

@@ -179,7 +179,7 @@ impl Gateway {
         let token = std::fs::read_to_string(self.dir.join("admin.token"))?
             .trim()
             .to_owned();
-        let tls = tern_core::tls::pinned_client_config(self.endpoint.fingerprint.clone())?;
+        let tls = tern_core::tls::pinned_client_config(&self.endpoint.fingerprint)?;
         let url = format!("https://{}{path}", self.endpoint.control);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -167,7 +167,7 @@ struct RawClient {
 
 impl RawClient {
     fn new(gw: &Gateway) -> Result<Self> {
-        let mut config = tern_core::tls::pinned_client_config(gw.endpoint.fingerprint.clone())?;
+        let mut config = tern_core::tls::pinned_client_config(&gw.endpoint.fingerprint)?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             addr: gw.endpoint.data,
