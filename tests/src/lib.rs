@@ -217,6 +217,31 @@ impl Drop for Gateway {
     }
 }
 
+/// A `tern-agent sync` of `host` against `gw` with `key`, its state in `state`, without the
+/// progress bar; the caller adds the disks and any other option.
+pub fn agent_sync_cmd(bins: &Path, gw: &Gateway, key: &Key, host: &str, state: &Path) -> Command {
+    let mut cmd = Command::new(bins.join("tern-agent"));
+    cmd.args([
+        "sync",
+        "--host",
+        host,
+        "--target",
+        &gw.url(),
+        "--fingerprint",
+        &gw.endpoint.fingerprint,
+    ])
+    .args([
+        "--access-key-id",
+        &key.access_key_id,
+        "--no-progress",
+        "--state-dir",
+    ])
+    .arg(state)
+    .env("TERN_SECRET_ACCESS_KEY", &key.secret_access_key)
+    .env("RUST_LOG", "warn");
+    cmd
+}
+
 /// Runs a command and fails with its output unless it succeeds.
 pub fn run_ok(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;

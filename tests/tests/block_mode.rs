@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Result;
-use tern_tests::{Gateway, Key, e2e, make_disk, random_writes, rng, run_ok, sha256_file};
+use tern_tests::{Gateway, Key, agent_sync_cmd, e2e, make_disk, random_writes, rng, run_ok, sha256_file};
 
 const HOST: &str = "web-01";
 
@@ -18,25 +18,7 @@ fn agent_sync(
     disks: &[(&str, &Path)],
     extra: &[&str],
 ) -> Result<serde_json::Value> {
-    let mut cmd = Command::new(bins.join("tern-agent"));
-    cmd.args([
-        "sync",
-        "--host",
-        HOST,
-        "--target",
-        &gw.url(),
-        "--fingerprint",
-        &gw.endpoint.fingerprint,
-    ])
-    .args([
-        "--access-key-id",
-        &key.access_key_id,
-        "--no-progress",
-        "--state-dir",
-    ])
-    .arg(state)
-    .env("TERN_SECRET_ACCESS_KEY", &key.secret_access_key)
-    .env("RUST_LOG", "warn");
+    let mut cmd = agent_sync_cmd(bins, gw, key, HOST, state);
     for (id, path) in disks {
         cmd.arg("--disk").arg(format!("{id}={}", path.display()));
     }

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use tern_tests::{Gateway, Key, e2e, rng, run_ok, sha256_file, write_random};
+use tern_tests::{Gateway, Key, agent_sync_cmd, e2e, rng, run_ok, sha256_file, write_random};
 
 const HOST: &str = "web-01";
 const DISK_SIZE: u64 = 512 << 20;
@@ -18,29 +18,9 @@ const WINDOW: u64 = 8;
 const BATCH_LOSS: u64 = 64 << 20;
 
 fn agent_cmd(bins: &Path, gw: &Gateway, key: &Key, state: &Path, disk: &Path) -> Command {
-    let mut cmd = Command::new(bins.join("tern-agent"));
-    cmd.args([
-        "sync",
-        "--host",
-        HOST,
-        "--target",
-        &gw.url(),
-        "--fingerprint",
-        &gw.endpoint.fingerprint,
-    ])
-    .args([
-        "--access-key-id",
-        &key.access_key_id,
-        "--no-progress",
-        "--window",
-        &WINDOW.to_string(),
-    ])
-    .arg("--state-dir")
-    .arg(state)
-    .arg("--disk")
-    .arg(format!("sda={}", disk.display()))
-    .env("TERN_SECRET_ACCESS_KEY", &key.secret_access_key)
-    .env("RUST_LOG", "warn");
+    let mut cmd = agent_sync_cmd(bins, gw, key, HOST, state);
+    cmd.args(["--window", &WINDOW.to_string(), "--disk"])
+        .arg(format!("sda={}", disk.display()));
     cmd
 }
 

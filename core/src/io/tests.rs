@@ -62,7 +62,6 @@ fn config(choice: EngineChoice) -> EngineConfig {
 }
 
 /// Whether `choice` can run here; says why not on stderr.
-#[allow(clippy::print_stderr)]
 fn available(choice: EngineChoice) -> bool {
     if choice == EngineChoice::IoUring
         && let Err(e) = probe_io_uring()
@@ -504,7 +503,6 @@ struct LoopDev {
 }
 
 impl LoopDev {
-    #[allow(clippy::print_stderr)]
     fn attach(size: u64) -> Option<LoopDev> {
         if !rustix::process::geteuid().is_root() {
             eprintln!("skipped: block device test needs root");
