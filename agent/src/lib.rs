@@ -29,14 +29,5 @@ pub mod units;
 /// Certificate pinning (shared with the gateway CLI and tests).
 pub use tern_core::tls;
 
-/// Displays an error and its sources, `: `-separated, for one-line logs.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
+/// Displays an error and its sources on one line (shared with the gateway).
+pub use tern_core::error_chain;

@@ -20,6 +20,27 @@ pub mod protocol;
 pub mod tls;
 
 pub use digest::Digest;
+
+/// Displays an error and its sources, `: `-separated, for one-line logs and messages.
+#[derive(Debug)]
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+/// [`ErrorChain`] as a string.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    ErrorChain(e).to_string()
+}
 pub use geometry::{ChunkGeometry, GeometryError};
 pub use ids::{DiskId, HostId, IdError, PointId};
 pub use manifest::{ChunkRef, DiskManifest, Manifest, ManifestError};

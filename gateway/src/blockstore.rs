@@ -48,6 +48,8 @@ pub enum BlockError {
     Io(#[from] tern_core::io::IoError),
     #[error("receiving the body")]
     Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("recording landed extents failed: {0}")]
+    Landed(String),
     #[error("gateway is shutting down")]
     ShuttingDown,
 }
@@ -440,7 +442,7 @@ impl BlockStore {
             .map_err(|_| BlockError::ShuttingDown)?;
         rx.await
             .map_err(|_| BlockError::ShuttingDown)?
-            .map_err(|e| BlockError::Db(DbError::Corrupt(format!("recording a write intent failed: {e}"))))
+            .map_err(BlockError::Landed)
     }
 
     /// Makes every landed extent queued so far durable and recorded.
@@ -451,7 +453,7 @@ impl BlockStore {
             .map_err(|_| BlockError::ShuttingDown)?;
         rx.await
             .map_err(|_| BlockError::ShuttingDown)?
-            .map_err(|e| BlockError::InvalidRequest(format!("recording landed extents failed: {e}")))
+            .map_err(BlockError::Landed)
     }
 
     /// `GET landed/{disk}`: the durable landed records, encoded.

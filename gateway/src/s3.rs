@@ -15,7 +15,7 @@ use s3s::dto::{
 };
 use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
 use tern_core::protocol::{DIGEST_META, STATE_KEY, SyncPlan, ZERO_META};
-use tern_core::{Digest, DiskId, HostId, PointId};
+use tern_core::{Digest, DiskId, HostId, PointId, error_chain};
 use tracing::{debug, warn};
 
 use crate::blockstore::{BlockError, BlockStore};
@@ -85,25 +85,17 @@ fn s3_err(op: &str, metrics: &Metrics, e: BlockError) -> S3Error {
         BlockError::TooLarge(_) => S3ErrorCode::EntityTooLarge,
         BlockError::Incomplete { .. } | BlockError::Body(_) => S3ErrorCode::IncompleteBody,
         BlockError::NotFound(_) => S3ErrorCode::NoSuchKey,
-        BlockError::Db(_) | BlockError::Provider(_) | BlockError::Io(_) | BlockError::ShuttingDown => {
+        BlockError::Db(_)
+        | BlockError::Provider(_)
+        | BlockError::Io(_)
+        | BlockError::Landed(_)
+        | BlockError::ShuttingDown => {
             warn!(op, error = %error_chain(&e), "request failed");
             return S3Error::with_message(S3ErrorCode::InternalError, "internal error (see the gateway log)");
         }
     };
     debug!(op, error = %error_chain(&e), "request refused");
     S3Error::with_message(code, error_chain(&e))
-}
-
-/// `e: cause: cause` on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 async fn read_small_body(body: Option<StreamingBlob>, limit: usize) -> S3Result<Vec<u8>> {

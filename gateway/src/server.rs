@@ -110,8 +110,9 @@ pub async fn run(
         admin_token_hash: admin_hash,
     });
 
-    // The data plane speaks HTTP/1.1 only: large extent bodies on parallel connections beat
-    // HTTP/2's flow-controlled frames on one connection (measured with scripts/bench-ingest).
+    // The data plane speaks HTTP/1.1 only: extent bodies are large and travel on parallel
+    // connections (the agent's client offers only HTTP/1.1), without HTTP/2's per-stream flow
+    // control. The control plane also offers HTTP/2.
     let data_acceptor = TlsAcceptor::from(tls.server_config(&[b"http/1.1"])?);
     let control_acceptor = TlsAcceptor::from(tls.server_config(&[b"h2", b"http/1.1"])?);
     let data_l = TcpListener::bind(config.data_listen)

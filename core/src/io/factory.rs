@@ -52,7 +52,7 @@ pub fn resolve(choice: EngineChoice) -> Result<EngineKind, IoError> {
                 static WARNED: Once = Once::new();
                 WARNED.call_once(|| {
                     tracing::warn!(
-                        reason = %super::ErrorChain(&e),
+                        reason = %crate::ErrorChain(&e),
                         "io_uring is unavailable; using the portable I/O engine"
                     );
                 });

@@ -27,7 +27,7 @@ mod volume;
 #[cfg(test)]
 mod tests;
 
-use std::{fmt, io};
+use std::io;
 
 pub use arena::IoBuf;
 pub use buf::{ALIGN, AlignedBuf};
@@ -40,21 +40,6 @@ pub use error::{IoError, IoErrorKind};
 pub use factory::{ENGINE_ENV, engine_in_use, resolve};
 pub use uring::probe_io_uring;
 pub use volume::Volume;
-
-/// Displays an error and its sources, `: `-separated (for one-line logs).
-pub(crate) struct ErrorChain<'a>(pub(crate) &'a dyn std::error::Error);
-
-impl fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
-    }
-}
 
 /// Runs a blocking call off the async threads: tokio's blocking pool when in a runtime, else a
 /// short-lived thread.

@@ -66,7 +66,7 @@ fn available(choice: EngineChoice) -> bool {
     if choice == EngineChoice::IoUring
         && let Err(e) = probe_io_uring()
     {
-        eprintln!("skipped: io_uring unavailable: {}", ErrorChain(&e));
+        eprintln!("skipped: io_uring unavailable: {}", crate::ErrorChain(&e));
         return false;
     }
     true
