@@ -38,7 +38,7 @@ use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::bandwidth::Bandwidth;
 use crate::blockstate::{BlockStateError, BlockStateHeader, BlockStateReader, BlockStateWriter, install};
-use crate::plan::{ChunkBaseline, ChunkPlan, ExtentKind, PlannedExtent, plan_chunk};
+use crate::plan::{ChunkBaseline, ChunkPlan, ExtentKind, PlannedExtent, plan_chunk, plan_whole_chunk};
 use crate::source::{READ_ALIGN, Source, SourceError};
 use crate::state::{HostState, StateError};
 use crate::target::{Target, TargetError};
@@ -273,6 +273,8 @@ struct DiskWork {
     source: Source,
     geometry: ChunkGeometry,
     hasher: BlockHasher,
+    /// Send changed chunks whole (object mode).
+    whole_chunks: bool,
     baseline: Baseline,
     /// Landed extents by the chunks they intersect.
     landed: HashMap<u64, Vec<LandedExtent>>,
@@ -357,14 +359,18 @@ impl DiskWork {
             }
         };
         let landed = self.landed.get(&index).map_or(&[][..], Vec::as_slice);
-        let plan = plan_chunk(
-            self.hasher.layout(),
-            range.start,
-            data,
-            &hashes,
-            &baseline,
-            landed,
-        );
+        let plan = if self.whole_chunks {
+            plan_whole_chunk(data.len(), &hashes, &baseline)
+        } else {
+            plan_chunk(
+                self.hasher.layout(),
+                range.start,
+                data,
+                &hashes,
+                &baseline,
+                landed,
+            )
+        };
         trace!(chunk = index, extents = plan.extents.len(), "chunk planned");
         Ok(ChunkDone {
             index,
@@ -492,7 +498,8 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
                 disk: spec.id.clone(),
                 source,
                 geometry,
-                hasher: BlockHasher::new(layout),
+                hasher: BlockHasher::with_key(layout, target.id_key()),
+                whole_chunks: target.whole_chunks(),
                 landed: group_landed(&geometry, &landed),
                 baseline,
                 zeros: vec![0; opts.chunk_size as usize],

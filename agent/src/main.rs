@@ -19,6 +19,7 @@ use tern_agent::target::dir::DirTarget;
 use tern_agent::target::gateway::{
     GatewayConfig, GatewayError, GatewayTarget, Secret, check_endpoint, probe_fingerprint,
 };
+use tern_agent::target::object::ObjectTarget;
 use tern_agent::target::{AnyTarget, Target};
 use tern_agent::tls::{Fingerprint, parse_fingerprint};
 use tern_agent::units::{format_size, parse_size};
@@ -49,6 +50,12 @@ enum Command {
     Run(RunArgs),
     /// Lists the host's recovery points.
     Points(PointsArgs),
+    /// Writes a new random encryption key file for object mode (mode 0600; never overwrites).
+    Keygen {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -75,6 +82,41 @@ struct TargetArgs {
     /// A file holding the secret access key (default: the TERN_SECRET_ACCESS_KEY variable).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    object: ObjectArgs,
+}
+
+/// Object mode (`--target s3://BUCKET[/PREFIX]`).
+#[derive(Debug, Args)]
+struct ObjectArgs {
+    /// The S3 endpoint, https://HOST[:PORT].
+    #[arg(long, env = "TERN_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// The S3 region.
+    #[arg(long, env = "TERN_S3_REGION", default_value = "us-east-1")]
+    s3_region: String,
+    /// Trust the CA certificates in this PEM file for the S3 endpoint (default: the system's).
+    #[arg(long, env = "TERN_S3_CA_FILE", conflicts_with = "s3_fingerprint")]
+    s3_ca_file: Option<PathBuf>,
+    /// Trust exactly the S3 endpoint's certificate with this fingerprint (sha256:...).
+    #[arg(long, value_parser = parse_fp)]
+    s3_fingerprint: Option<Fingerprint>,
+    /// Allow an http:// endpoint (a local test server only: data travels in the clear).
+    #[arg(long)]
+    s3_allow_http: bool,
+    /// Encrypt chunks with the key in this file (made by `tern-agent keygen`); it never leaves
+    /// this side. Restores need the same file.
+    #[arg(long, env = "TERN_ENCRYPTION_KEY_FILE")]
+    encryption_key_file: Option<PathBuf>,
+    /// The AEAD for encrypted chunks.
+    #[arg(long, default_value = "aes-256-gcm", value_parser = ["aes-256-gcm", "chacha20-poly1305"])]
+    cipher: String,
+    /// zstd level for chunks that compress (0: never compress).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=19))]
+    compress_level: i32,
+    /// A lease not renewed for this long counts as abandoned by GC (must match the GC's).
+    #[arg(long, default_value = "48h", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +171,7 @@ struct PointsArgs {
 enum TargetSpec {
     Gateway(String),
     Dir(PathBuf),
+    Object { bucket: String, prefix: String },
 }
 
 fn parse_target(s: &str) -> Result<TargetSpec, String> {
@@ -138,9 +181,13 @@ fn parse_target(s: &str) -> Result<TargetSpec, String> {
         }
         return Ok(TargetSpec::Dir(PathBuf::from(path)));
     }
+    if s.starts_with("s3://") {
+        let (bucket, prefix) = tern_core::object::s3::parse_url(s).map_err(|e| e.to_string())?;
+        return Ok(TargetSpec::Object { bucket, prefix });
+    }
     check_endpoint(s)
         .map(TargetSpec::Gateway)
-        .map_err(|_| format!("{s:?} is neither https://HOST:PORT nor dir:/PATH"))
+        .map_err(|_| format!("{s:?} is neither https://HOST:PORT, s3://BUCKET[/PREFIX] nor dir:/PATH"))
 }
 
 fn parse_fp(s: &str) -> Result<Fingerprint, String> {
@@ -227,9 +274,19 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Sync(args) => {
             let opts = sync_options(&args)?;
             progress::enable(!args.no_progress);
-            let target = Arc::new(open_target(&args.target).await?);
+            let target = Arc::new(open_target(&args.target, args.chunk_size).await?);
             let summary = sync_host(&target, &opts).await.context("sync failed")?;
-            emit_summary(&summary, args.summary_json.as_deref())
+            emit_sync_summary(&target, summary, args.summary_json.as_deref()).await
+        }
+        Command::Keygen { out } => {
+            tern_core::object::StoreKey::generate(&out)
+                .with_context(|| format!("failed to make a key file at {}", out.display()))?;
+            let _ = writeln!(
+                std::io::stderr(),
+                "tern-agent: wrote a new encryption key to {}. Keep a copy somewhere safe: without it no encrypted point can be restored.",
+                out.display()
+            );
+            Ok(())
         }
         Command::Run(args) => run_scheduled(args).await,
         Command::Points(args) => list_points(args).await,
@@ -306,8 +363,95 @@ async fn trust_on_first_use(state_dir: &Path, endpoint: &str) -> anyhow::Result<
     Ok(fp)
 }
 
-async fn open_target(args: &TargetArgs) -> anyhow::Result<AnyTarget> {
+/// Prints the summary; in object mode with what the store actually received.
+async fn emit_sync_summary(
+    target: &AnyTarget,
+    summary: tern_agent::engine::SyncSummary,
+    file: Option<&Path>,
+) -> anyhow::Result<()> {
+    match target {
+        AnyTarget::Object(t) => {
+            #[derive(Serialize)]
+            struct WithStore {
+                #[serde(flatten)]
+                summary: tern_agent::engine::SyncSummary,
+                store: tern_core::object::session::SessionStats,
+            }
+            let store = t.stats().await;
+            emit_summary(&WithStore { summary, store }, file)
+        }
+        _ => emit_summary(&summary, file),
+    }
+}
+
+fn open_object_target(
+    args: &TargetArgs,
+    bucket: &str,
+    prefix: &str,
+    chunk_size: u32,
+) -> anyhow::Result<AnyTarget> {
+    use tern_core::object::s3::{S3Config, Trust};
+    let o = &args.object;
+    let endpoint = o
+        .s3_endpoint
+        .clone()
+        .ok_or_else(|| usage("an s3:// target needs --s3-endpoint (or TERN_S3_ENDPOINT)"))?;
+    let access_key_id = args
+        .access_key_id
+        .clone()
+        .ok_or_else(|| usage("an s3:// target needs --access-key-id (or TERN_ACCESS_KEY_ID)"))?;
+    let secret = read_secret(args)?;
+    let trust = match (&o.s3_ca_file, o.s3_fingerprint) {
+        (Some(ca), _) => Trust::CaFile(ca.clone()),
+        (None, Some(fp)) => Trust::Pinned(fp),
+        (None, None) => Trust::System,
+    };
+    let config = S3Config {
+        endpoint: endpoint.clone(),
+        bucket: bucket.to_owned(),
+        region: o.s3_region.clone(),
+        access_key_id,
+        secret_access_key: secret,
+        trust,
+        allow_http: o.s3_allow_http,
+        max_retries: 10,
+    };
+    let store = tern_core::object::s3::connect(&config).map_err(|e| usage(tern_agent::error_chain(&e)))?;
+    let key = match &o.encryption_key_file {
+        Some(path) => {
+            let cipher = o
+                .cipher
+                .parse()
+                .map_err(|e: tern_core::object::crypto::KeyError| usage(e.to_string()))?;
+            Some(Arc::new(
+                tern_core::object::StoreKey::load(path, cipher)
+                    .map_err(|e| usage(tern_agent::error_chain(&e)))?,
+            ))
+        }
+        None => None,
+    };
+    let repo = tern_core::object::Repo::new(store, prefix);
+    let url = if prefix.is_empty() {
+        format!("s3://{bucket} ({endpoint})")
+    } else {
+        format!("s3://{bucket}/{prefix} ({endpoint})")
+    };
+    let journal = args.state_dir.join(args.host.as_str()).join("object-journal");
+    Ok(AnyTarget::Object(ObjectTarget::new(
+        repo,
+        url,
+        args.host.clone(),
+        key,
+        chunk_size,
+        (o.compress_level > 0).then_some(o.compress_level),
+        o.lease_ttl,
+        journal,
+    )))
+}
+
+async fn open_target(args: &TargetArgs, chunk_size: u32) -> anyhow::Result<AnyTarget> {
     match &args.target {
+        TargetSpec::Object { bucket, prefix } => open_object_target(args, bucket, prefix, chunk_size),
         TargetSpec::Dir(path) => Ok(AnyTarget::Dir(DirTarget::new(path, args.host.clone()))),
         TargetSpec::Gateway(endpoint) => {
             let access_key_id = args
@@ -376,7 +520,7 @@ async fn run_scheduled(args: RunArgs) -> anyhow::Result<()> {
                     match slot.as_ref() {
                         Some(t) => t.clone(),
                         None => {
-                            let t = Arc::new(open_target(&args.sync.target).await?);
+                            let t = Arc::new(open_target(&args.sync.target, args.sync.chunk_size).await?);
                             *slot = Some(t.clone());
                             t
                         }
@@ -440,7 +584,7 @@ struct PointRow {
 }
 
 async fn list_points(args: PointsArgs) -> anyhow::Result<()> {
-    let target = open_target(&args.target).await?;
+    let target = open_target(&args.target, tern_core::geometry::DEFAULT_CHUNK_SIZE).await?;
     let entries = target.list_points().await?;
     let mut rows = Vec::new();
     for e in entries {

@@ -84,6 +84,33 @@ pub struct ChunkPlan {
     pub bytes_data: u64,
 }
 
+/// Plans one chunk for a target that stores whole chunks by id (object mode): a non-zero chunk
+/// that differs from its baseline is sent whole, under its digest; zero chunks are never sent
+/// (the manifest records them).
+pub fn plan_whole_chunk(chunk_len: usize, hashes: &ChunkHashes, baseline: &ChunkBaseline) -> ChunkPlan {
+    let len = chunk_len as u64;
+    let mut plan = ChunkPlan::default();
+    let Some(digest) = hashes.digest else {
+        plan.bytes_zero = len;
+        return plan;
+    };
+    let unchanged = match baseline {
+        ChunkBaseline::Unknown | ChunkBaseline::Zero => false,
+        ChunkBaseline::Digest(d) => *d == digest,
+        ChunkBaseline::Blocks(values) => *values == hashes.blocks,
+    };
+    if unchanged {
+        plan.bytes_unchanged = len;
+    } else {
+        plan.extents.push(PlannedExtent {
+            range: 0..chunk_len,
+            kind: ExtentKind::Data(digest),
+        });
+        plan.bytes_data = len;
+    }
+    plan
+}
+
 /// Plans one chunk.
 ///
 /// `data` is the chunk's current bytes (the last chunk of a disk may be short), `hashes` their

@@ -78,19 +78,41 @@ pub struct ChunkHashes {
 #[derive(Debug, Clone)]
 pub struct BlockHasher {
     layout: BlockLayout,
+    /// The key of keyed BLAKE3 (object mode with encryption: chunk ids that leak nothing).
+    key: Option<[u8; 32]>,
     zero_full_blocks: Vec<ChainingValue>,
 }
 
 impl BlockHasher {
     /// A hasher for `layout`.
     pub fn new(layout: BlockLayout) -> Self {
+        Self::with_key(layout, None)
+    }
+
+    /// A hasher whose digests are keyed BLAKE3 under `key` (`None`: plain BLAKE3).
+    pub fn with_key(layout: BlockLayout, key: Option<[u8; 32]>) -> Self {
         let zeros = vec![0u8; layout.block_size() as usize];
         let zero_full_blocks = (0..layout.blocks_per_chunk())
-            .map(|i| block_cv(&zeros, i as u64 * u64::from(layout.block_size())))
+            .map(|i| block_cv(key.as_ref(), &zeros, i as u64 * u64::from(layout.block_size())))
             .collect();
         Self {
             layout,
+            key,
             zero_full_blocks,
+        }
+    }
+
+    fn root(&self, data: &[u8]) -> [u8; 32] {
+        match &self.key {
+            Some(k) => *blake3::keyed_hash(k, data).as_bytes(),
+            None => *blake3::hash(data).as_bytes(),
+        }
+    }
+
+    fn mode(&self) -> Mode<'_> {
+        match &self.key {
+            Some(k) => Mode::KeyedHash(k),
+            None => Mode::Hash,
         }
     }
 
@@ -107,10 +129,10 @@ impl BlockHasher {
             if is_zero(data) {
                 return ChunkHashes {
                     digest: None,
-                    blocks: vec![*blake3::hash(data).as_bytes()],
+                    blocks: vec![self.root(data)],
                 };
             }
-            let d = Digest::of(data);
+            let d = Digest(self.root(data));
             return ChunkHashes {
                 digest: Some(d),
                 blocks: vec![d.0],
@@ -127,7 +149,7 @@ impl BlockHasher {
                     self.zero_full_blocks[i]
                 } else {
                     all_zero &= is_zero(bytes);
-                    block_cv(bytes, range.start as u64)
+                    block_cv(self.key.as_ref(), bytes, range.start as u64)
                 }
             })
             .collect();
@@ -138,6 +160,7 @@ impl BlockHasher {
                 &blocks,
                 u64::from(block_size),
                 u64::from(chunk_len),
+                self.mode(),
             )))
         };
         ChunkHashes { digest, blocks }
@@ -153,12 +176,16 @@ impl BlockHasher {
             blocks,
             u64::from(self.layout.block_size()),
             u64::from(chunk_len),
+            self.mode(),
         ))
     }
 }
 
-fn block_cv(bytes: &[u8], offset: u64) -> ChainingValue {
-    let mut h = blake3::Hasher::new();
+fn block_cv(key: Option<&[u8; 32]>, bytes: &[u8], offset: u64) -> ChainingValue {
+    let mut h = match key {
+        Some(k) => blake3::Hasher::new_keyed(k),
+        None => blake3::Hasher::new(),
+    };
     h.set_input_offset(offset);
     h.update(bytes);
     h.finalize_non_root()
@@ -167,23 +194,23 @@ fn block_cv(bytes: &[u8], offset: u64) -> ChainingValue {
 /// Merges the chaining values of consecutive blocks covering `len` bytes into the root hash,
 /// following BLAKE3's tree shape (the left subtree holds the largest power of two of 1 KiB
 /// chunks that is smaller than the input).
-fn merge_root(cvs: &[ChainingValue], block: u64, len: u64) -> [u8; 32] {
+fn merge_root(cvs: &[ChainingValue], block: u64, len: u64, mode: Mode<'_>) -> [u8; 32] {
     let left = left_subtree_len(len);
     let split = (left / block) as usize;
-    let l = merge_inner(&cvs[..split], block, left);
-    let r = merge_inner(&cvs[split..], block, len - left);
-    *merge_subtrees_root(&l, &r, Mode::Hash).as_bytes()
+    let l = merge_inner(&cvs[..split], block, left, mode);
+    let r = merge_inner(&cvs[split..], block, len - left, mode);
+    *merge_subtrees_root(&l, &r, mode).as_bytes()
 }
 
-fn merge_inner(cvs: &[ChainingValue], block: u64, len: u64) -> ChainingValue {
+fn merge_inner(cvs: &[ChainingValue], block: u64, len: u64, mode: Mode<'_>) -> ChainingValue {
     if cvs.len() == 1 {
         return cvs[0];
     }
     let left = left_subtree_len(len);
     let split = (left / block) as usize;
-    let l = merge_inner(&cvs[..split], block, left);
-    let r = merge_inner(&cvs[split..], block, len - left);
-    merge_subtrees_non_root(&l, &r, Mode::Hash)
+    let l = merge_inner(&cvs[..split], block, left, mode);
+    let r = merge_inner(&cvs[split..], block, len - left, mode);
+    merge_subtrees_non_root(&l, &r, mode)
 }
 
 #[cfg(test)]
@@ -239,6 +266,16 @@ mod tests {
                 prop_assert_eq!(hasher.digest_from_blocks(&h.blocks, len as u32), Digest::of(&data));
             }
             prop_assert_eq!(h.blocks.len(), layout.blocks_in(len as u32));
+
+            // Keyed (object mode with encryption): equal to keyed BLAKE3 of the chunk.
+            let key = [seed as u8; 32];
+            let keyed = BlockHasher::with_key(layout, Some(key));
+            let k = keyed.hash_chunk(&data);
+            if !is_zero(&data) {
+                let want = Digest(*blake3::keyed_hash(&key, &data).as_bytes());
+                prop_assert_eq!(k.digest, Some(want));
+                prop_assert_eq!(keyed.digest_from_blocks(&k.blocks, len as u32), want);
+            }
         }
     }
 

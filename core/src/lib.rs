@@ -6,6 +6,7 @@
 //! - [`manifest`]: the recovery-point manifest, the one file that describes a point
 //!   (byte layout in `docs/formats.md`).
 //! - [`ids`]: validated host, disk and point identifiers.
+//! - `object` (feature `object`): object mode (chunk store in S3, sessions, retention, GC).
 //! - `io` (feature `io`): the block I/O engines (io_uring and portable) used by the gateway to
 //!   write volumes and by the restore engine.
 
@@ -15,6 +16,8 @@ pub mod ids;
 #[cfg(feature = "io")]
 pub mod io;
 pub mod manifest;
+#[cfg(feature = "object")]
+pub mod object;
 pub mod protocol;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -1,7 +1,11 @@
 //! The recovery helper: the one job of the boot-helper OS.
 //!
-//! Today it inspects recovery-point manifests; restore (object mode) and guest repair
-//! (Boot-in-Cloud driver adaptation) are added by their own issues.
+//! - [`restore`]: a recovery point's disks from object storage to block devices or files.
+//! - [`describe`]: a human summary of a manifest.
+//!
+//! Guest repair (Boot-in-Cloud driver adaptation) is added by its own issue.
+
+pub mod restore;
 
 use std::fmt::Write as _;
 

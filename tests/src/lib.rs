@@ -3,6 +3,15 @@
 //!
 //! These tests run when `TERN_E2E=1` (set by `scripts/test`) and take the binaries from
 //! `TERN_BIN_DIR` (default `target/release`); otherwise they print why they skip.
+//!
+//! Two test servers live here too, each a library usable in process and a binary:
+//! [`s3server`] (`tern-test-s3`, a real S3 over HTTPS backed by `s3s-fs`) and [`faultproxy`]
+//! (`tern-fault-proxy`, an HTTPS reverse proxy that injects S3 faults); [`fixture`] holds what
+//! they share. Their own tests (`tests/fixtures.rs`) run under plain `cargo test`.
+
+pub mod faultproxy;
+pub mod fixture;
+pub mod s3server;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -347,4 +356,117 @@ pub fn random_writes(path: &Path, rng: &mut rand::rngs::StdRng, writes: usize) -
     write_random(path, size - tail as u64, tail, rng)?;
     let _ = last;
     Ok(())
+}
+
+/// An S3 bucket for object-mode tests: the real Ceph RGW when `TERN_CEPH_RGW_JSON` names its
+/// info file (`scripts/test` starts it with `scripts/ceph-rgw`), else the in-process `s3s-fs`
+/// server (the test says which).
+#[derive(Debug)]
+pub struct Bucket {
+    /// `https://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret.
+    pub secret_access_key: String,
+    /// The server's certificate (PEM).
+    pub ca_file: PathBuf,
+    /// Region.
+    pub region: String,
+    /// Bucket name.
+    pub name: String,
+    /// `ceph-rgw` or `s3s-fs`.
+    pub kind: &'static str,
+    /// The in-process server (s3s-fs), kept alive with the bucket.
+    pub server: Option<s3server::S3Server>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RgwInfo {
+    endpoint: String,
+    access_key_id: String,
+    secret_access_key: String,
+    ca_file: PathBuf,
+    region: String,
+}
+
+impl Bucket {
+    /// A new, empty bucket named after `test`.
+    pub fn new(test: &str, dir: &Path) -> Result<Self> {
+        let name = format!("{}-{:08x}", test.replace('_', "-"), rand::random::<u32>())
+            .chars()
+            .take(63)
+            .collect::<String>();
+        if let Some(info) = std::env::var_os("TERN_CEPH_RGW_JSON") {
+            let info: RgwInfo =
+                serde_json::from_slice(&std::fs::read(&info)?).context("reading the RGW info file")?;
+            // curl signs with SigV4 itself (7.75+); RGW wants the payload hash header, which
+            // curl 7.88 signs but does not add. The hash is that of the empty body.
+            run_ok(
+                Command::new("curl")
+                    .args(["-sS", "--fail-with-body", "-X", "PUT", "-H"])
+                    .arg("x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+                    .arg("--aws-sigv4")
+                    .arg(format!("aws:amz:{}:s3", info.region))
+                    .arg("--user")
+                    .arg(format!("{}:{}", info.access_key_id, info.secret_access_key))
+                    .arg("--cacert")
+                    .arg(&info.ca_file)
+                    .arg(format!("{}/{name}", info.endpoint)),
+            )?;
+            eprintln!("{test}: S3 = Ceph RGW at {}", info.endpoint);
+            return Ok(Self {
+                endpoint: info.endpoint,
+                access_key_id: info.access_key_id,
+                secret_access_key: info.secret_access_key,
+                ca_file: info.ca_file,
+                region: info.region,
+                name,
+                kind: "ceph-rgw",
+                server: None,
+            });
+        }
+        if std::env::var("TERN_REQUIRE_CEPH").ok().as_deref() == Some("1") {
+            bail!("TERN_REQUIRE_CEPH=1 but TERN_CEPH_RGW_JSON is not set (scripts/ceph-rgw start writes it)");
+        }
+        let server = s3server::start(&dir.join("s3"), s3server::S3Options::default())?;
+        server.create_bucket(&name)?;
+        eprintln!(
+            "{test}: S3 = in-process s3s-fs (set TERN_CEPH_RGW_JSON to run against Ceph RGW, as scripts/test does)"
+        );
+        Ok(Self {
+            endpoint: server.endpoint.clone(),
+            access_key_id: server.access_key_id.clone(),
+            secret_access_key: server.secret_access_key.clone(),
+            ca_file: server.ca_file.clone(),
+            region: "us-east-1".into(),
+            name,
+            kind: "s3s-fs",
+            server: Some(server),
+        })
+    }
+
+    /// `s3://NAME/PREFIX`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.name)
+    }
+
+    /// Adds the endpoint, trust and credentials options (and the secret's variable) to an
+    /// agent or helper command.
+    pub fn args(&self, cmd: &mut Command) {
+        cmd.arg("--s3-endpoint")
+            .arg(&self.endpoint)
+            .arg("--s3-ca-file")
+            .arg(&self.ca_file)
+            .arg("--s3-region")
+            .arg(&self.region)
+            .arg("--access-key-id")
+            .arg(&self.access_key_id)
+            .env("TERN_SECRET_ACCESS_KEY", &self.secret_access_key);
+    }
+
+    /// The directory holding the bucket's objects (s3s-fs only: tests that corrupt objects).
+    pub fn fs_root(&self) -> Option<PathBuf> {
+        self.server.as_ref().map(|s| s.root.join(&self.name))
+    }
 }

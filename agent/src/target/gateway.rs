@@ -28,25 +28,7 @@ use tern_core::{Digest, DiskId, HostId, Manifest, PointId};
 use super::{ErrorKind, PointEntry, Target, TargetError};
 use crate::tls::{Fingerprint, PinnedVerifier, client_config};
 
-/// A secret that never shows in logs or debug output.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps `value`.
-    pub fn new(value: String) -> Self {
-        Self(value)
-    }
-    fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+pub use tern_core::object::s3::Secret;
 
 /// How to reach and authenticate to a gateway.
 #[derive(Debug, Clone)]

@@ -11,6 +11,7 @@
 
 pub mod dir;
 pub mod gateway;
+pub mod object;
 
 use std::future::Future;
 
@@ -78,6 +79,17 @@ pub trait Target: Send + Sync + 'static {
     /// A short description for logs (`https://gw:8443/web-01`, `dir:/backups/web-01`).
     fn describe(&self) -> String;
 
+    /// True when the target stores whole chunks by id (object mode) rather than extents at
+    /// offsets: the engine then sends every changed non-zero chunk whole, and no zero extents.
+    fn whole_chunks(&self) -> bool {
+        false
+    }
+
+    /// The key of keyed BLAKE3 when chunk ids must be keyed (an encrypted object store).
+    fn id_key(&self) -> Option<[u8; 32]> {
+        None
+    }
+
     /// The host's state: open sync, latest point, known disks.
     fn state(&self) -> impl Future<Output = Result<HostState, TargetError>> + Send;
 
@@ -128,6 +140,8 @@ pub enum AnyTarget {
     Gateway(gateway::GatewayTarget),
     /// A local directory.
     Dir(dir::DirTarget),
+    /// An S3 bucket in object mode.
+    Object(object::ObjectTarget),
 }
 
 macro_rules! delegate {
@@ -135,6 +149,7 @@ macro_rules! delegate {
         match $self {
             AnyTarget::Gateway($t) => $e,
             AnyTarget::Dir($t) => $e,
+            AnyTarget::Object($t) => $e,
         }
     };
 }
@@ -142,6 +157,12 @@ macro_rules! delegate {
 impl Target for AnyTarget {
     fn describe(&self) -> String {
         delegate!(self, t => t.describe())
+    }
+    fn whole_chunks(&self) -> bool {
+        delegate!(self, t => t.whole_chunks())
+    }
+    fn id_key(&self) -> Option<[u8; 32]> {
+        delegate!(self, t => t.id_key())
     }
     async fn state(&self) -> Result<HostState, TargetError> {
         delegate!(self, t => t.state().await)

@@ -1,0 +1,259 @@
+//! Object mode end to end: real `tern-agent` and `tern-recovery-helper` processes against a
+//! real S3 server (Ceph RGW under `scripts/test`; the in-process s3s-fs server otherwise).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Result;
+use tern_tests::{Bucket, e2e, make_disk, random_writes, rng, run_ok, sha256_file, write_at};
+
+fn agent(
+    bins: &Path,
+    bucket: &Bucket,
+    prefix: &str,
+    host: &str,
+    state: &Path,
+    disks: &[(&str, &Path)],
+) -> Command {
+    let mut cmd = Command::new(bins.join("tern-agent"));
+    cmd.args([
+        "sync",
+        "--host",
+        host,
+        "--target",
+        &bucket.url(prefix),
+        "--no-progress",
+        "--chunk-size",
+        "1M",
+    ])
+    .arg("--state-dir")
+    .arg(state)
+    .env("RUST_LOG", "warn");
+    for (id, p) in disks {
+        cmd.arg("--disk").arg(format!("{id}={}", p.display()));
+    }
+    bucket.args(&mut cmd);
+    cmd
+}
+
+fn restore(
+    bins: &Path,
+    bucket: &Bucket,
+    prefix: &str,
+    host: &str,
+    point: &str,
+    disks: &[(&str, &Path)],
+) -> Command {
+    let mut cmd = Command::new(bins.join("tern-recovery-helper"));
+    cmd.args([
+        "restore",
+        "--source",
+        &bucket.url(prefix),
+        "--host",
+        host,
+        "--point",
+        point,
+        "--no-progress",
+    ])
+    .env("RUST_LOG", "warn");
+    for (id, p) in disks {
+        cmd.arg("--disk").arg(format!("{id}={}", p.display()));
+    }
+    bucket.args(&mut cmd);
+    cmd
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn two_disks_full_and_three_incrementals_restore_byte_identical() -> Result<()> {
+    let Some(bins) = e2e("two_disks_full_and_three_incrementals_restore_byte_identical") else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let bucket = Bucket::new("object-roundtrip", dir.path())?;
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    let mut r = rng(31);
+    make_disk(&a, 48 << 20, &mut r)?;
+    make_disk(&b, (24 << 20) + 12288, &mut r)?;
+    // Disk b starts with a copy of 8 MiB of disk a (4 MiB of data, then 4 MiB of zeros in
+    // make_disk's pattern): its 4 data chunks of 1 MiB are stored once.
+    let shared = std::fs::read(&a)?[4 << 20..12 << 20].to_vec();
+    write_at(&b, 0, &shared)?;
+    let state = dir.path().join("state");
+    let disks = [("a", a.as_path()), ("b", b.as_path())];
+
+    let mut points: Vec<(String, String, String)> = Vec::new();
+    for round in 0..4 {
+        if round > 0 {
+            random_writes(&a, &mut r, 4)?;
+            random_writes(&b, &mut r, 2)?;
+        }
+        let want = (sha256_file(&a)?, sha256_file(&b)?);
+        let out = run_ok(&mut agent(&bins, &bucket, "dr", "web-01", &state, &disks))?;
+        let s = json(&out);
+        let point = s["point_id"].as_str().unwrap().to_owned();
+        if round == 0 {
+            let stored = s["store"]["chunks_stored"].as_u64().unwrap();
+            let known = s["store"]["chunks_known"].as_u64().unwrap();
+            assert!(known >= 4, "the shared data is stored once: {s}");
+            let plain = s["store"]["bytes_plain"].as_u64().unwrap();
+            assert_eq!(plain + (known << 20), s["bytes_sent"].as_u64().unwrap(), "{s}");
+            assert!(stored > 0);
+        } else {
+            // An incremental sends only changed chunks.
+            assert!(s["bytes_sent"].as_u64().unwrap() < 40 << 20, "{s}");
+        }
+        points.push((point, want.0, want.1));
+    }
+    for (point, wa, wb) in &points {
+        let (ra, rb) = (dir.path().join("ra.img"), dir.path().join("rb.img"));
+        let _ = std::fs::remove_file(&ra);
+        let _ = std::fs::remove_file(&rb);
+        let out = run_ok(&mut restore(
+            &bins,
+            &bucket,
+            "dr",
+            "web-01",
+            point,
+            &[("a", &ra), ("b", &rb)],
+        ))?;
+        let s = json(&out);
+        assert_eq!(s.as_array().unwrap().len(), 2);
+        assert_eq!(&sha256_file(&ra)?, wa, "disk a at point {point}");
+        assert_eq!(&sha256_file(&rb)?, wb, "disk b at point {point}");
+    }
+    eprintln!("restored {} points from {}", points.len(), bucket.kind);
+    Ok(())
+}
+
+fn corrupt_one_chunk(root: &Path) -> Result<String> {
+    // s3s-fs keeps each object as a file under the bucket directory.
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut stack = vec![root.join("enc/chunks")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n.len() == 64) {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let victim = files.first().expect("chunks in the bucket").clone();
+    let mut bytes = std::fs::read(&victim)?;
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x10;
+    std::fs::write(&victim, bytes)?;
+    Ok(victim.file_name().unwrap().to_string_lossy().into_owned())
+}
+
+#[test]
+fn encrypted_points_hide_plaintext_refuse_a_wrong_key_and_name_a_corrupt_chunk() -> Result<()> {
+    let Some(bins) = e2e("encrypted_points_hide_plaintext_refuse_a_wrong_key_and_name_a_corrupt_chunk")
+    else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    // This test edits objects behind the server's back: it needs the file-backed server.
+    let server = tern_tests::s3server::start(&dir.path().join("s3"), Default::default())?;
+    server.create_bucket("secret-test")?;
+    let bucket = Bucket {
+        endpoint: server.endpoint.clone(),
+        access_key_id: server.access_key_id.clone(),
+        secret_access_key: server.secret_access_key.clone(),
+        ca_file: server.ca_file.clone(),
+        region: "us-east-1".into(),
+        name: "secret-test".into(),
+        kind: "s3s-fs",
+        server: Some(server),
+    };
+    let disk = dir.path().join("d.img");
+    let pattern = b"TERN-KNOWN-PLAINTEXT-PATTERN-0123456789 ";
+    let data: Vec<u8> = pattern.iter().copied().cycle().take(6 << 20).collect();
+    std::fs::write(&disk, &data)?;
+    let key = dir.path().join("key");
+    run_ok(
+        Command::new(bins.join("tern-agent"))
+            .args(["keygen", "--out"])
+            .arg(&key),
+    )?;
+    let state = dir.path().join("state");
+    let mut cmd = agent(&bins, &bucket, "enc", "db-01", &state, &[("d", &disk)]);
+    cmd.arg("--encryption-key-file").arg(&key);
+    let out = run_ok(&mut cmd)?;
+    let point = json(&out)["point_id"].as_str().unwrap().to_owned();
+
+    // No object holds the pattern.
+    let root = bucket.fs_root().unwrap();
+    let mut stack = vec![root.clone()];
+    let mut objects = 0;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                objects += 1;
+                let b = std::fs::read(&p)?;
+                assert!(
+                    !b.windows(pattern.len()).any(|w| w == pattern),
+                    "plaintext in {}",
+                    p.display()
+                );
+            }
+        }
+    }
+    assert!(objects >= 3);
+
+    // A wrong key: a clear error, no output file.
+    let other = dir.path().join("other-key");
+    run_ok(
+        Command::new(bins.join("tern-agent"))
+            .args(["keygen", "--out"])
+            .arg(&other),
+    )?;
+    let out_path = dir.path().join("restored.img");
+    let mut cmd = restore(&bins, &bucket, "enc", "db-01", &point, &[("d", &out_path)]);
+    cmd.arg("--encryption-key-file").arg(&other);
+    let out = cmd.output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("encrypted with key"), "{err}");
+    assert!(!out_path.exists(), "nothing written with a wrong key");
+    // No key at all.
+    let out = restore(&bins, &bucket, "enc", "db-01", &point, &[("d", &out_path)]).output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give the key file"));
+
+    // The right key restores it.
+    let mut cmd = restore(&bins, &bucket, "enc", "db-01", &point, &[("d", &out_path)]);
+    cmd.arg("--encryption-key-file").arg(&key);
+    run_ok(&mut cmd)?;
+    assert_eq!(std::fs::read(&out_path)?, data);
+
+    // One flipped bit in the bucket: the restore names the chunk, the disk and the offset.
+    let victim = corrupt_one_chunk(&root)?;
+    std::fs::remove_file(&out_path)?;
+    let mut cmd = restore(&bins, &bucket, "enc", "db-01", &point, &[("d", &out_path)]);
+    cmd.arg("--encryption-key-file").arg(&key);
+    let out = cmd.output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("chunk {victim} of disk d at offset")),
+        "{err}"
+    );
+    assert!(err.contains("authentication"), "{err}");
+    Ok(())
+}
