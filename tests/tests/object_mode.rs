@@ -1,6 +1,8 @@
 //! Object mode end to end: real `tern-agent` and `tern-recovery-helper` processes against a
 //! real S3 server (Ceph RGW under `scripts/test`; the in-process s3s-fs server otherwise).
 
+#![allow(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
