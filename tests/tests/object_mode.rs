@@ -259,3 +259,76 @@ fn encrypted_points_hide_plaintext_refuse_a_wrong_key_and_name_a_corrupt_chunk()
     assert!(err.contains("authentication"), "{err}");
     Ok(())
 }
+
+#[test]
+fn sync_and_restore_complete_through_injected_faults() -> Result<()> {
+    use std::time::Duration;
+    use tern_tests::faultproxy::{FaultConfig, FaultKind, FaultProxy, FaultRule};
+    let Some(bins) = e2e("sync_and_restore_complete_through_injected_faults") else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let real = Bucket::new("object-faults", dir.path())?;
+    let ca = std::fs::read(&real.ca_file)?;
+    let faults = FaultConfig {
+        seed: 11,
+        max_faults: 60,
+        slowdown: FaultRule::new(0.12),
+        reset: FaultRule::new(0.08),
+        stall: FaultRule::new(0.04),
+        // Only GETs: a retried multipart completion is not idempotent on every server, and a
+        // truncated PUT answer is just a reset.
+        truncate: FaultRule::only(0.12, &[http::Method::GET]),
+        stall_for: Duration::from_secs(3),
+        stall_then_forward: false,
+    };
+    let proxy = FaultProxy::start(&real.endpoint, Some(&ca), faults)?;
+    // The same bucket, reached through the proxy.
+    let bucket = Bucket {
+        endpoint: proxy.endpoint.clone(),
+        ca_file: proxy.ca_file.clone(),
+        access_key_id: real.access_key_id.clone(),
+        secret_access_key: real.secret_access_key.clone(),
+        region: real.region.clone(),
+        name: real.name.clone(),
+        kind: real.kind,
+        server: None,
+    };
+    let disk = dir.path().join("d.img");
+    let mut r = rng(5);
+    make_disk(&disk, 40 << 20, &mut r)?;
+    let state = dir.path().join("state");
+    let mut points = Vec::new();
+    for round in 0..2 {
+        if round > 0 {
+            random_writes(&disk, &mut r, 3)?;
+        }
+        let want = sha256_file(&disk)?;
+        let out = run_ok(&mut agent(&bins, &bucket, "f", "app-01", &state, &[("d", &disk)]))?;
+        points.push((json(&out)["point_id"].as_str().unwrap().to_owned(), want));
+    }
+    for (point, want) in &points {
+        let out_path = dir.path().join("r.img");
+        let _ = std::fs::remove_file(&out_path);
+        run_ok(&mut restore(
+            &bins,
+            &bucket,
+            "f",
+            "app-01",
+            point,
+            &[("d", &out_path)],
+        ))?;
+        assert_eq!(&sha256_file(&out_path)?, want, "point {point}");
+    }
+    let counts = proxy.counts();
+    eprintln!("faults injected against {}: {counts:?}", real.kind);
+    for kind in FaultKind::ALL {
+        assert!(
+            counts.get(kind) > 0,
+            "no {} fault was injected: {counts:?}",
+            kind.name()
+        );
+    }
+    drop(real);
+    Ok(())
+}

@@ -210,20 +210,46 @@ impl Repo {
     }
 
     async fn put(&self, op: &'static str, key: &Path, body: Bytes) -> Result<(), RepoError> {
-        self.store
-            .put(key, PutPayload::from_bytes(body))
+        self.retrying(op, key, || {
+            self.store.put(key, PutPayload::from_bytes(body.clone()))
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Runs `f` until it succeeds, fails for good, or transient failures persist. object_store
+    /// retries failed requests itself; what surfaces after the response started (a body cut
+    /// off by a reset connection or a proxy) is retried here. Every operation of this module is
+    /// idempotent.
+    async fn retrying<T, F, Fut>(&self, op: &'static str, key: &Path, mut f: F) -> Result<T, RepoError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = object_store::Result<T>>,
+    {
+        const ATTEMPTS: u32 = 6;
+        let mut delay = std::time::Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            match f().await.map_err(|source| store_err(op, key, source)) {
+                Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                    tracing::debug!(key = %key, attempt, error = %crate::error_chain(&e), "{op} failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn list_all(&self, dir: &Path) -> Result<Vec<object_store::ObjectMeta>, RepoError> {
+        self.retrying("list", dir, || self.store.list(Some(dir)).try_collect())
             .await
-            .map(drop)
-            .map_err(|source| store_err(op, key, source))
     }
 
     async fn get(&self, op: &'static str, key: &Path) -> Result<Bytes, RepoError> {
-        let r = self
-            .store
-            .get(key)
+        self.retrying(op, key, || async { self.store.get(key).await?.bytes().await })
             .await
-            .map_err(|source| store_err(op, key, source))?;
-        r.bytes().await.map_err(|source| store_err(op, key, source))
     }
 
     /// Stores a chunk blob.
@@ -289,9 +315,13 @@ impl Repo {
     /// Deletes a point's manifest.
     pub async fn delete_manifest(&self, host: &HostId, point: &PointId) -> Result<(), RepoError> {
         let key = self.manifest_key(host, point);
-        match self.store.delete(&key).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(source) => Err(store_err("delete manifest", &key, source)),
+        match self
+            .retrying("delete manifest", &key, || self.store.delete(&key))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -299,10 +329,8 @@ impl Repo {
     pub async fn list_hosts(&self) -> Result<Vec<HostId>, RepoError> {
         let dir = self.join(&["hosts"]);
         let r = self
-            .store
-            .list_with_delimiter(Some(&dir))
-            .await
-            .map_err(|source| store_err("list", &dir, source))?;
+            .retrying("list", &dir, || self.store.list_with_delimiter(Some(&dir)))
+            .await?;
         let mut out: Vec<HostId> = r
             .common_prefixes
             .iter()
@@ -316,12 +344,7 @@ impl Repo {
     /// Objects under `points/` that are not named like manifests are skipped.
     pub async fn list_points(&self, host: &HostId) -> Result<Vec<PointObject>, RepoError> {
         let dir = self.join(&["hosts", host.as_str(), "points"]);
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|source| store_err("list", &dir, source))?;
+        let metas = self.list_all(&dir).await?;
         let mut out: Vec<PointObject> = metas
             .into_iter()
             .filter_map(|m| {
@@ -349,10 +372,8 @@ impl Repo {
         let body = serde_json::json!({ "host": host.as_str(), "sync": sync.as_str() }).to_string();
         self.put("write lease", &key, body.into()).await?;
         let meta = self
-            .store
-            .head(&key)
-            .await
-            .map_err(|source| store_err("read lease", &key, source))?;
+            .retrying("read lease", &key, || self.store.head(&key))
+            .await?;
         Ok(meta.last_modified)
     }
 
@@ -362,12 +383,7 @@ impl Repo {
             Some(h) => self.leases_dir(h),
             None => self.join(&["hosts"]),
         };
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|source| store_err("list", &dir, source))?;
+        let metas = self.list_all(&dir).await?;
         let mut out: Vec<Lease> = Vec::new();
         let base = self.join(&["hosts"]);
         for m in metas {
@@ -407,12 +423,11 @@ impl Repo {
     pub async fn delete_leases(&self, host: &HostId, sync: &PointId) -> Result<(), RepoError> {
         let dir = self.leases_dir(host).join(sync.as_str());
         let keys: Vec<_> = self
-            .store
-            .list(Some(&dir))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .map_err(|source| store_err("list", &dir, source))?;
+            .list_all(&dir)
+            .await?
+            .into_iter()
+            .map(|m| m.location)
+            .collect();
         self.delete_keys(keys).await
     }
 
@@ -433,12 +448,7 @@ impl Repo {
     /// Every chunk in the store.
     pub async fn list_chunks(&self) -> Result<Vec<ChunkObject>, RepoError> {
         let dir = self.join(&["chunks"]);
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|source| store_err("list", &dir, source))?;
+        let metas = self.list_all(&dir).await?;
         Ok(metas
             .into_iter()
             .filter_map(|m| {
@@ -467,11 +477,7 @@ impl Repo {
         let key = self.gc_runs_dir().join(name);
         self.put("announce GC run", &key, Bytes::from_static(b"tern gc run\n"))
             .await?;
-        let meta = self
-            .store
-            .head(&key)
-            .await
-            .map_err(|source| store_err("read", &key, source))?;
+        let meta = self.retrying("read", &key, || self.store.head(&key)).await?;
         Ok(GcRun {
             key,
             started: meta.last_modified,
@@ -489,12 +495,7 @@ impl Repo {
     /// The GC runs announced and not yet cleaned up.
     pub async fn list_gc_runs(&self) -> Result<Vec<GcRun>, RepoError> {
         let dir = self.gc_runs_dir();
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|source| store_err("list", &dir, source))?;
+        let metas = self.list_all(&dir).await?;
         let mut runs: Vec<GcRun> = metas
             .iter()
             .filter(|m| !m.location.as_ref().ends_with(DONE_SUFFIX))
@@ -519,10 +520,10 @@ impl Repo {
     /// Whether chunk `id` exists.
     pub async fn has_chunk(&self, id: &Digest) -> Result<bool, RepoError> {
         let key = self.chunk_key(id);
-        match self.store.head(&key).await {
+        match self.retrying("check chunk", &key, || self.store.head(&key)).await {
             Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(source) => Err(store_err("check chunk", &key, source)),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
         }
     }
 }
