@@ -48,6 +48,123 @@ pub struct ConfigFile {
     /// Batching of the durable record of landed extents.
     #[serde(default)]
     pub landed: LandedFile,
+    /// Object mode: the bucket agents write to, which the gateway indexes, prunes and
+    /// garbage-collects (it never needs, nor gets, the customers' encryption keys).
+    pub object_store: Option<ObjectStoreFile>,
+}
+
+/// The object store the gateway looks after (`docs/object-mode.md`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectStoreFile {
+    /// `s3://BUCKET[/PREFIX]`.
+    pub url: String,
+    /// `https://HOST[:PORT]`.
+    pub endpoint: String,
+    /// Region. Default `us-east-1`.
+    pub region: Option<String>,
+    /// Access key id.
+    pub access_key_id: String,
+    /// A file holding the secret access key (mode 0600).
+    pub secret_file: PathBuf,
+    /// Trust the certificates in this PEM file (default: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// Minutes between two scans of the bucket (and prunes). Default 5.
+    pub scan_minutes: Option<u64>,
+    /// Hours between two garbage collections (0: only on request). Default 24.
+    pub gc_hours: Option<u64>,
+    /// GC grace period in seconds. Default 3600.
+    pub gc_grace_s: Option<u64>,
+    /// A sync lease not renewed for this many hours is abandoned. Default 48 (agents use the
+    /// same default).
+    pub lease_ttl_hours: Option<u64>,
+    /// Retention for every host (all zero or absent: keep every point).
+    #[serde(default)]
+    pub retention: tern_core::object::retention::Retention,
+    /// Per-host retention, replacing the default for that host.
+    #[serde(default)]
+    pub host_retention: std::collections::BTreeMap<String, tern_core::object::retention::Retention>,
+}
+
+/// Validated object-store settings.
+#[derive(Debug, Clone)]
+pub struct ObjectStoreConfig {
+    /// Bucket.
+    pub bucket: String,
+    /// Prefix in it.
+    pub prefix: String,
+    /// Connection.
+    pub s3: tern_core::object::s3::S3Config,
+    /// Scan interval.
+    pub scan_every: std::time::Duration,
+    /// GC interval (`None`: on request only).
+    pub gc_every: Option<std::time::Duration>,
+    /// GC settings.
+    pub gc: tern_core::object::gc::GcOptions,
+    /// Default retention.
+    pub retention: tern_core::object::retention::Retention,
+    /// Per-host retention.
+    pub host_retention:
+        std::collections::BTreeMap<tern_core::HostId, tern_core::object::retention::Retention>,
+}
+
+impl ObjectStoreFile {
+    fn validate(self) -> Result<ObjectStoreConfig, ConfigError> {
+        use std::time::Duration;
+        let (bucket, prefix) = tern_core::object::s3::parse_url(&self.url)
+            .map_err(|e| invalid("object_store.url", e.to_string()))?;
+        let secret = std::fs::read_to_string(&self.secret_file).map_err(|e| {
+            invalid(
+                "object_store.secret_file",
+                format!("{}: {e}", self.secret_file.display()),
+            )
+        })?;
+        let secret = secret.trim();
+        if secret.is_empty() {
+            return Err(invalid("object_store.secret_file", "is empty"));
+        }
+        let mut host_retention = std::collections::BTreeMap::new();
+        for (h, r) in self.host_retention {
+            let host = tern_core::HostId::new(h.as_str())
+                .map_err(|e| invalid("object_store.host_retention", e.to_string()))?;
+            host_retention.insert(host, r);
+        }
+        let scan = self.scan_minutes.unwrap_or(5);
+        if scan == 0 {
+            return Err(invalid("object_store.scan_minutes", "must be at least 1"));
+        }
+        let gc_hours = self.gc_hours.unwrap_or(24);
+        let ttl = self.lease_ttl_hours.unwrap_or(48);
+        if ttl == 0 {
+            return Err(invalid("object_store.lease_ttl_hours", "must be at least 1"));
+        }
+        Ok(ObjectStoreConfig {
+            bucket: bucket.clone(),
+            prefix,
+            s3: tern_core::object::s3::S3Config {
+                endpoint: self.endpoint,
+                bucket,
+                region: self.region.unwrap_or_else(|| "us-east-1".into()),
+                access_key_id: self.access_key_id,
+                secret_access_key: tern_core::object::s3::Secret::new(secret.to_owned()),
+                trust: match self.ca_file {
+                    Some(ca) => tern_core::object::s3::Trust::CaFile(ca),
+                    None => tern_core::object::s3::Trust::System,
+                },
+                allow_http: false,
+                max_retries: 10,
+            },
+            scan_every: Duration::from_secs(scan * 60),
+            gc_every: (gc_hours > 0).then(|| Duration::from_secs(gc_hours * 3600)),
+            gc: tern_core::object::gc::GcOptions {
+                grace: Duration::from_secs(self.gc_grace_s.unwrap_or(3600)),
+                lease_ttl: Duration::from_secs(ttl * 3600),
+                dry_run: false,
+            },
+            retention: self.retention,
+            host_retention,
+        })
+    }
 }
 
 /// A listener.
@@ -114,6 +231,8 @@ pub struct Config {
     pub landed_batch_ms: u64,
     /// Landed batch size.
     pub landed_batch_max: usize,
+    /// Object mode, when configured.
+    pub object_store: Option<ObjectStoreConfig>,
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -214,6 +333,7 @@ impl ConfigFile {
             max_volumes_per_instance,
             landed_batch_ms,
             landed_batch_max,
+            object_store: self.object_store.map(ObjectStoreFile::validate).transpose()?,
         })
     }
 }

@@ -1,4 +1,5 @@
-//! The control plane: REST API (keys, hosts), `/healthz`, `/metrics`. Everything but
+//! The control plane: REST API (keys, hosts, object-store points and maintenance), `/healthz`,
+//! `/metrics`. Everything but
 //! `/healthz` needs `Authorization: Bearer <admin token>`.
 
 use std::sync::Arc;
@@ -29,6 +30,87 @@ pub struct ControlState {
     pub metrics: Arc<Metrics>,
     /// SHA-256 of the admin token.
     pub admin_token_hash: [u8; 32],
+    /// The object store, when configured.
+    pub objects: Option<Arc<crate::objects::ObjectStores>>,
+}
+
+/// Options of the object-store maintenance requests.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct MaintenanceRequest {
+    dry_run: bool,
+    /// GC grace period override, seconds.
+    grace_s: Option<u64>,
+}
+
+fn objects_of(st: &ControlState) -> Result<&Arc<crate::objects::ObjectStores>, Response> {
+    st.objects.as_ref().ok_or_else(|| {
+        (
+            StatusCode::NOT_FOUND,
+            "no object store is configured ([object_store] in the config file)",
+        )
+            .into_response()
+    })
+}
+
+fn objects_failed(e: &crate::objects::ObjectsError) -> Response {
+    let msg = tern_core::error_chain(e);
+    tracing::warn!(error = %msg, "object store request failed");
+    (StatusCode::BAD_GATEWAY, msg).into_response()
+}
+
+async fn object_points(State(st): State<ControlState>) -> Response {
+    if let Err(r) = objects_of(&st) {
+        return r;
+    }
+    match st.store.db().object_points() {
+        Ok(points) => Json(
+            points
+                .into_iter()
+                .map(|(host, point, rec)| serde_json::json!({ "host": host, "point": point, "record": rec }))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn object_scan(State(st): State<ControlState>) -> Response {
+    let o = match objects_of(&st) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    match o.scan().await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => objects_failed(&e),
+    }
+}
+
+async fn object_prune(State(st): State<ControlState>, body: Option<Json<MaintenanceRequest>>) -> Response {
+    let o = match objects_of(&st) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    match o.prune(req.dry_run).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => objects_failed(&e),
+    }
+}
+
+async fn object_gc(State(st): State<ControlState>, body: Option<Json<MaintenanceRequest>>) -> Response {
+    let o = match objects_of(&st) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    match o
+        .gc(req.dry_run, req.grace_s.map(std::time::Duration::from_secs))
+        .await
+    {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => objects_failed(&e),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +276,10 @@ pub fn router(st: ControlState) -> Router {
         .route("/api/v1/keys", get(list_keys).post(create_key))
         .route("/api/v1/keys/{id}", delete(delete_key))
         .route("/api/v1/hosts", get(list_hosts))
+        .route("/api/v1/object/points", get(object_points))
+        .route("/api/v1/object/scan", axum::routing::post(object_scan))
+        .route("/api/v1/object/prune", axum::routing::post(object_prune))
+        .route("/api/v1/object/gc", axum::routing::post(object_gc))
         .route_layer(middleware::from_fn_with_state(st.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))

@@ -26,6 +26,34 @@ const HOSTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("hosts");
 const POINTS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("points");
 const MANIFESTS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("manifests");
 const LANDED: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition::new("landed");
+/// Object mode: (host, point) → JSON [`ObjectPointRecord`], rebuilt from the bucket at will.
+const OBJECT_POINTS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("object_points");
+/// Object mode: (host, point) → the manifest as found in the bucket.
+const OBJECT_MANIFESTS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("object_manifests");
+
+/// An object-mode point the gateway found in the bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectPointRecord {
+    /// Creation time from the manifest, Unix ms.
+    pub created_unix_ms: u64,
+    /// When the manifest object was written (server clock), Unix ms.
+    pub stored_unix_ms: u64,
+    /// Per disk: id, size, chunks, data chunks.
+    pub disks: Vec<ObjectDiskRecord>,
+}
+
+/// A disk of an object-mode point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectDiskRecord {
+    /// Disk id.
+    pub id: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Chunks.
+    pub chunks: u64,
+    /// Non-zero chunks.
+    pub data_chunks: u64,
+}
 
 /// A metadata DB failure.
 #[derive(Debug, thiserror::Error)]
@@ -181,8 +209,56 @@ impl MetaDb {
         tx.open_table(POINTS)?;
         tx.open_table(MANIFESTS)?;
         tx.open_table(LANDED)?;
+        tx.open_table(OBJECT_POINTS)?;
+        tx.open_table(OBJECT_MANIFESTS)?;
         tx.commit()?;
         Ok(Self { db: Arc::new(db) })
+    }
+
+    /// Records an object-mode point and its manifest.
+    pub fn put_object_point(
+        &self,
+        host: &HostId,
+        point: &PointId,
+        rec: &ObjectPointRecord,
+        manifest: &[u8],
+    ) -> Result<(), DbError> {
+        let tx = self.db.begin_write()?;
+        {
+            let key = (host.as_str(), point.as_str());
+            tx.open_table(OBJECT_POINTS)?
+                .insert(key, to_json(rec).as_slice())?;
+            tx.open_table(OBJECT_MANIFESTS)?.insert(key, manifest)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets an object-mode point (pruned from the bucket).
+    pub fn delete_object_point(&self, host: &HostId, point: &PointId) -> Result<(), DbError> {
+        let tx = self.db.begin_write()?;
+        {
+            let key = (host.as_str(), point.as_str());
+            tx.open_table(OBJECT_POINTS)?.remove(key)?;
+            tx.open_table(OBJECT_MANIFESTS)?.remove(key)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every object-mode point, by host then point.
+    pub fn object_points(&self) -> Result<Vec<(HostId, PointId, ObjectPointRecord)>, DbError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(OBJECT_POINTS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let (h, p) = k.value();
+            let host = HostId::new(h).map_err(|_| DbError::Corrupt(format!("object point host {h:?}")))?;
+            let point = PointId::new(p).map_err(|_| DbError::Corrupt(format!("object point id {p:?}")))?;
+            out.push((host, point, json("object point", v.value())?));
+        }
+        Ok(out)
     }
 
     /// A raw value of the `meta` table.

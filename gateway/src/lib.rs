@@ -16,6 +16,7 @@ pub mod control;
 pub mod db;
 pub mod fsutil;
 pub mod metrics;
+pub mod objects;
 pub mod plan;
 pub mod provider;
 pub mod s3;

@@ -51,6 +51,15 @@ enum Command {
         #[arg(long, default_value = "/var/lib/tern-gateway")]
         data_dir: PathBuf,
     },
+    /// Object mode: the points indexed from the bucket, and maintenance (a running gateway
+    /// configured with [object_store] does the work).
+    Object {
+        #[command(subcommand)]
+        command: ObjectCommand,
+        /// The gateway's data directory.
+        #[arg(long, global = true, default_value = "/var/lib/tern-gateway")]
+        data_dir: PathBuf,
+    },
     /// How many gateways a fleet needs and which disks go to which.
     Plan {
         /// A host and its disk count, e.g. `web01=2` (repeat).
@@ -62,6 +71,29 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ObjectCommand {
+    /// The points found in the bucket (JSON).
+    Points,
+    /// Scan the bucket now and update the index.
+    Scan,
+    /// Apply the retention policies now.
+    Prune {
+        /// Report only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Collect garbage now.
+    Gc {
+        /// Report only.
+        #[arg(long)]
+        dry_run: bool,
+        /// Grace period override (e.g. 0s, 10m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<std::time::Duration>,
     },
 }
 
@@ -219,6 +251,36 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             if !out.is_empty() {
                 println!("{out}");
             }
+            Ok(())
+        }
+        Command::Object { command, data_dir } => {
+            let c = ControlClient::from_data_dir(&data_dir)?;
+            let out = match command {
+                ObjectCommand::Points => {
+                    c.call(reqwest::Method::GET, "/api/v1/object/points", None)
+                        .await?
+                }
+                ObjectCommand::Scan => c.call(reqwest::Method::POST, "/api/v1/object/scan", None).await?,
+                ObjectCommand::Prune { dry_run } => {
+                    c.call(
+                        reqwest::Method::POST,
+                        "/api/v1/object/prune",
+                        Some(serde_json::json!({ "dry_run": dry_run })),
+                    )
+                    .await?
+                }
+                ObjectCommand::Gc { dry_run, grace } => {
+                    c.call(
+                        reqwest::Method::POST,
+                        "/api/v1/object/gc",
+                        Some(
+                            serde_json::json!({ "dry_run": dry_run, "grace_s": grace.map(|g| g.as_secs()) }),
+                        ),
+                    )
+                    .await?
+                }
+            };
+            println!("{out}");
             Ok(())
         }
         Command::Hosts { data_dir } => {

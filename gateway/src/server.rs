@@ -103,11 +103,21 @@ pub async fn run(
     s3.set_auth(KeyAuth::new(db.clone(), master.clone()));
     s3.set_access(HostAccess::new(db.clone()));
     let s3 = s3.build();
+    let objects = match config.object_store.clone() {
+        Some(c) => {
+            let o =
+                crate::objects::ObjectStores::new(c, db.clone()).context("setting up the object store")?;
+            tokio::spawn(o.clone().run());
+            Some(o)
+        }
+        None => None,
+    };
     let control = router(ControlState {
         store,
         master,
         metrics,
         admin_token_hash: admin_hash,
+        objects,
     });
 
     // The data plane speaks HTTP/1.1 only: extent bodies are large and travel on parallel
