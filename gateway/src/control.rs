@@ -43,13 +43,15 @@ struct MaintenanceRequest {
     grace_s: Option<u64>,
 }
 
-fn objects_of(st: &ControlState) -> Result<&Arc<crate::objects::ObjectStores>, Response> {
+fn objects_of(st: &ControlState) -> Result<&Arc<crate::objects::ObjectStores>, Box<Response>> {
     st.objects.as_ref().ok_or_else(|| {
-        (
-            StatusCode::NOT_FOUND,
-            "no object store is configured ([object_store] in the config file)",
+        Box::new(
+            (
+                StatusCode::NOT_FOUND,
+                "no object store is configured ([object_store] in the config file)",
+            )
+                .into_response(),
         )
-            .into_response()
     })
 }
 
@@ -61,7 +63,7 @@ fn objects_failed(e: &crate::objects::ObjectsError) -> Response {
 
 async fn object_points(State(st): State<ControlState>) -> Response {
     if let Err(r) = objects_of(&st) {
-        return r;
+        return *r;
     }
     match st.store.db().object_points() {
         Ok(points) => Json(
@@ -78,7 +80,7 @@ async fn object_points(State(st): State<ControlState>) -> Response {
 async fn object_scan(State(st): State<ControlState>) -> Response {
     let o = match objects_of(&st) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match o.scan().await {
         Ok(r) => Json(r).into_response(),
@@ -89,7 +91,7 @@ async fn object_scan(State(st): State<ControlState>) -> Response {
 async fn object_prune(State(st): State<ControlState>, body: Option<Json<MaintenanceRequest>>) -> Response {
     let o = match objects_of(&st) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let req = body.map(|Json(b)| b).unwrap_or_default();
     match o.prune(req.dry_run).await {
@@ -101,7 +103,7 @@ async fn object_prune(State(st): State<ControlState>, body: Option<Json<Maintena
 async fn object_gc(State(st): State<ControlState>, body: Option<Json<MaintenanceRequest>>) -> Response {
     let o = match objects_of(&st) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let req = body.map(|Json(b)| b).unwrap_or_default();
     match o

@@ -22,11 +22,23 @@ pub enum ObjectsError {
     #[error("failed to connect to the object store")]
     Connect(#[from] tern_core::object::s3::S3Error),
     #[error(transparent)]
-    Repo(#[from] tern_core::object::repo::RepoError),
+    Repo(Box<tern_core::object::repo::RepoError>),
     #[error(transparent)]
-    Gc(#[from] tern_core::object::gc::GcError),
+    Gc(Box<tern_core::object::gc::GcError>),
     #[error(transparent)]
     Db(#[from] crate::db::DbError),
+}
+
+impl From<tern_core::object::repo::RepoError> for ObjectsError {
+    fn from(e: tern_core::object::repo::RepoError) -> Self {
+        ObjectsError::Repo(Box::new(e))
+    }
+}
+
+impl From<tern_core::object::gc::GcError> for ObjectsError {
+    fn from(e: tern_core::object::gc::GcError) -> Self {
+        ObjectsError::Gc(Box::new(e))
+    }
 }
 
 /// What a scan found.
