@@ -129,6 +129,17 @@ impl Manifest {
         Ok(())
     }
 
+    /// The digests of every data chunk of every disk (with repeats).
+    pub fn data_chunks(&self) -> impl Iterator<Item = Digest> + '_ {
+        self.disks
+            .iter()
+            .flat_map(|d| d.chunks.iter())
+            .filter_map(|c| match c {
+                ChunkRef::Data(d) => Some(*d),
+                ChunkRef::Zero => None,
+            })
+    }
+
     /// The disk named `id`.
     pub fn disk(&self, id: &DiskId) -> Option<&DiskManifest> {
         self.disks.iter().find(|d| &d.disk_id == id)

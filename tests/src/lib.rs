@@ -465,6 +465,65 @@ impl Bucket {
             .env("TERN_SECRET_ACCESS_KEY", &self.secret_access_key);
     }
 
+    /// `tern-agent sync` of `disks` (ID, PATH) of `host` to this bucket under `prefix`, 1 MiB
+    /// chunks.
+    pub fn sync_cmd(
+        &self,
+        bins: &Path,
+        prefix: &str,
+        host: &str,
+        state: &Path,
+        disks: &[(&str, &Path)],
+    ) -> Command {
+        let mut cmd = Command::new(bins.join("tern-agent"));
+        cmd.args([
+            "sync",
+            "--host",
+            host,
+            "--target",
+            &self.url(prefix),
+            "--no-progress",
+            "--chunk-size",
+            "1M",
+        ])
+        .arg("--state-dir")
+        .arg(state)
+        .env("RUST_LOG", "warn");
+        for (id, p) in disks {
+            cmd.arg("--disk").arg(format!("{id}={}", p.display()));
+        }
+        self.args(&mut cmd);
+        cmd
+    }
+
+    /// `tern-recovery-helper restore` of `point` of `host` from this bucket under `prefix`.
+    pub fn restore_cmd(
+        &self,
+        bins: &Path,
+        prefix: &str,
+        host: &str,
+        point: &str,
+        disks: &[(&str, &Path)],
+    ) -> Command {
+        let mut cmd = Command::new(bins.join("tern-recovery-helper"));
+        cmd.args([
+            "restore",
+            "--source",
+            &self.url(prefix),
+            "--host",
+            host,
+            "--point",
+            point,
+            "--no-progress",
+        ])
+        .env("RUST_LOG", "warn");
+        for (id, p) in disks {
+            cmd.arg("--disk").arg(format!("{id}={}", p.display()));
+        }
+        self.args(&mut cmd);
+        cmd
+    }
+
     /// The directory holding the bucket's objects (s3s-fs only: tests that corrupt objects).
     pub fn fs_root(&self) -> Option<PathBuf> {
         self.server.as_ref().map(|s| s.root.join(&self.name))

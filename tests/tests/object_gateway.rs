@@ -12,24 +12,7 @@ use anyhow::{Result, bail};
 use tern_tests::{Bucket, Gateway, e2e, make_disk, random_writes, rng, run_ok, sha256_file};
 
 fn agent(bins: &Path, bucket: &Bucket, host: &str, state: &Path, disk: &Path) -> Command {
-    let mut cmd = Command::new(bins.join("tern-agent"));
-    cmd.args([
-        "sync",
-        "--host",
-        host,
-        "--target",
-        &bucket.url("gw"),
-        "--no-progress",
-        "--chunk-size",
-        "1M",
-    ])
-    .arg("--state-dir")
-    .arg(state)
-    .arg("--disk")
-    .arg(format!("d={}", disk.display()))
-    .env("RUST_LOG", "warn");
-    bucket.args(&mut cmd);
-    cmd
+    bucket.sync_cmd(bins, "gw", host, state, &[("d", disk)])
 }
 
 fn point_of(out: &std::process::Output) -> String {
@@ -66,22 +49,7 @@ fn wait_points(bins: &Path, gw: &Gateway, n: usize) -> Result<Vec<serde_json::Va
 
 fn restore_ok(bins: &Path, bucket: &Bucket, host: &str, point: &str, out: &Path, want: &str) -> Result<()> {
     let _ = std::fs::remove_file(out);
-    let mut cmd = Command::new(bins.join("tern-recovery-helper"));
-    cmd.args([
-        "restore",
-        "--source",
-        &bucket.url("gw"),
-        "--host",
-        host,
-        "--point",
-        point,
-        "--no-progress",
-    ])
-    .arg("--disk")
-    .arg(format!("d={}", out.display()))
-    .env("RUST_LOG", "warn");
-    bucket.args(&mut cmd);
-    run_ok(&mut cmd)?;
+    run_ok(&mut bucket.restore_cmd(bins, "gw", host, point, &[("d", out)]))?;
     assert_eq!(sha256_file(out)?, want, "{host} point {point}");
     Ok(())
 }

@@ -17,25 +17,7 @@ fn agent(
     state: &Path,
     disks: &[(&str, &Path)],
 ) -> Command {
-    let mut cmd = Command::new(bins.join("tern-agent"));
-    cmd.args([
-        "sync",
-        "--host",
-        host,
-        "--target",
-        &bucket.url(prefix),
-        "--no-progress",
-        "--chunk-size",
-        "1M",
-    ])
-    .arg("--state-dir")
-    .arg(state)
-    .env("RUST_LOG", "warn");
-    for (id, p) in disks {
-        cmd.arg("--disk").arg(format!("{id}={}", p.display()));
-    }
-    bucket.args(&mut cmd);
-    cmd
+    bucket.sync_cmd(bins, prefix, host, state, disks)
 }
 
 fn restore(
@@ -46,23 +28,7 @@ fn restore(
     point: &str,
     disks: &[(&str, &Path)],
 ) -> Command {
-    let mut cmd = Command::new(bins.join("tern-recovery-helper"));
-    cmd.args([
-        "restore",
-        "--source",
-        &bucket.url(prefix),
-        "--host",
-        host,
-        "--point",
-        point,
-        "--no-progress",
-    ])
-    .env("RUST_LOG", "warn");
-    for (id, p) in disks {
-        cmd.arg("--disk").arg(format!("{id}={}", p.display()));
-    }
-    bucket.args(&mut cmd);
-    cmd
+    bucket.restore_cmd(bins, prefix, host, point, disks)
 }
 
 fn json(out: &std::process::Output) -> serde_json::Value {

@@ -14,7 +14,6 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::manifest::ChunkRef;
 use crate::{Digest, HostId, PointId};
 
 use super::repo::{Repo, RepoError};
@@ -118,15 +117,7 @@ async fn mark_host(repo: &Repo, host: &HostId, referenced: &mut HashSet<Digest>)
             }
             match repo.get_manifest(host, &p.id).await {
                 Ok(m) => {
-                    referenced.extend(
-                        m.disks
-                            .iter()
-                            .flat_map(|d| d.chunks.iter())
-                            .filter_map(|c| match c {
-                                ChunkRef::Data(d) => Some(*d),
-                                ChunkRef::Zero => None,
-                            }),
-                    );
+                    referenced.extend(m.data_chunks());
                     read.insert(p.id);
                 }
                 Err(e) if e.is_not_found() => vanished = true,

@@ -22,7 +22,6 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use crate::manifest::ChunkRef;
 use crate::{Digest, HostId, Manifest, PointId};
 
 use super::blob::{self, BlobError};
@@ -252,15 +251,7 @@ impl SyncSession {
         let mut known = HashSet::new();
         if let Some(b) = &base {
             let m = repo.get_manifest(&host, &b.id).await?;
-            known.extend(
-                m.disks
-                    .iter()
-                    .flat_map(|d| d.chunks.iter())
-                    .filter_map(|c| match c {
-                        ChunkRef::Data(d) => Some(*d),
-                        ChunkRef::Zero => None,
-                    }),
-            );
+            known.extend(m.data_chunks());
         }
         let from_base = known.len();
         let mut stored_ids = HashSet::new();

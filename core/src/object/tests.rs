@@ -264,10 +264,7 @@ fn run(sc: &Scenario) {
         for h in &hosts {
             for p in repo.list_points(h).await.unwrap() {
                 let m = repo.get_manifest(h, &p.id).await.unwrap();
-                needed.extend(m.disks[0].chunks.iter().filter_map(|c| match c {
-                    ChunkRef::Data(d) => Some(*d),
-                    ChunkRef::Zero => None,
-                }));
+                needed.extend(m.data_chunks());
             }
         }
         let present: HashSet<_> = repo
