@@ -16,7 +16,7 @@ pub mod ids;
 #[cfg(feature = "io")]
 pub mod io;
 pub mod manifest;
-#[cfg(feature = "object")]
+#[cfg(feature = "blob")]
 pub mod object;
 pub mod protocol;
 #[cfg(feature = "tls")]

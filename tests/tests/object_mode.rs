@@ -103,27 +103,19 @@ fn two_disks_full_and_three_incrementals_restore_byte_identical() -> Result<()> 
     Ok(())
 }
 
-fn corrupt_one_chunk(root: &Path) -> Result<String> {
-    // s3s-fs keeps each object as a file under the bucket directory.
-    let mut files: Vec<PathBuf> = Vec::new();
-    let mut stack = vec![root.join("enc/chunks")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d)? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.file_name().is_some_and(|n| n.len() == 64) {
-                files.push(p);
-            }
-        }
-    }
-    files.sort();
-    let victim = files.first().expect("chunks in the bucket").clone();
-    let mut bytes = std::fs::read(&victim)?;
+/// Flips a bit in the object of the chunk holding `plain` (keyed id under `key_file`); returns
+/// its id and (path, original bytes).
+fn corrupt_chunk(root: &Path, key_file: &Path, plain: &[u8]) -> Result<(String, (PathBuf, Vec<u8>))> {
+    use tern_core::object::{Cipher, StoreKey, blob};
+    let key = StoreKey::load(key_file, Cipher::Aes256Gcm)?;
+    let id = blob::chunk_id(plain, Some(&key)).to_hex();
+    let victim = root.join("enc/chunks").join(&id[..4]).join(&id);
+    let original = std::fs::read(&victim)?;
+    let mut bytes = original.clone();
     let i = bytes.len() / 2;
     bytes[i] ^= 0x10;
     std::fs::write(&victim, bytes)?;
-    Ok(victim.file_name().unwrap().to_string_lossy().into_owned())
+    Ok((id, (victim, original)))
 }
 
 #[test]
@@ -147,7 +139,8 @@ fn encrypted_points_hide_plaintext_refuse_a_wrong_key_and_name_a_corrupt_chunk()
         server: Some(server),
     };
     let disk = dir.path().join("d.img");
-    let pattern = b"TERN-KNOWN-PLAINTEXT-PATTERN-0123456789 ";
+    // 41 bytes: 1 MiB chunks all differ (2^20 mod 41 = 1).
+    let pattern = b"TERN-KNOWN-PLAINTEXT-PATTERN-0123456789! ";
     let data: Vec<u8> = pattern.iter().copied().cycle().take(6 << 20).collect();
     std::fs::write(&disk, &data)?;
     let key = dir.path().join("key");
@@ -211,10 +204,12 @@ fn encrypted_points_hide_plaintext_refuse_a_wrong_key_and_name_a_corrupt_chunk()
     assert_eq!(std::fs::read(&out_path)?, data);
 
     // One flipped bit in the bucket: the restore names the chunk, the disk and the offset.
-    let victim = corrupt_one_chunk(&root)?;
+    // The last chunk (1 MiB chunks: the sixth).
+    let (victim, original) = corrupt_chunk(&root, &key, &data[5 << 20..])?;
     std::fs::remove_file(&out_path)?;
     let mut cmd = restore(&bins, &bucket, "enc", "db-01", &point, &[("d", &out_path)]);
-    cmd.arg("--encryption-key-file").arg(&key);
+    // One chunk at a time, in order: everything before the bad chunk is restored and journaled.
+    cmd.arg("--encryption-key-file").arg(&key).args(["--window", "1"]);
     let out = cmd.output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -223,6 +218,16 @@ fn encrypted_points_hide_plaintext_refuse_a_wrong_key_and_name_a_corrupt_chunk()
         "{err}"
     );
     assert!(err.contains("authentication"), "{err}");
+    assert!(err.contains(&format!("at offset {}", 5 << 20)), "{err}");
+
+    // Repaired (the object put back), the re-run resumes after what was restored.
+    std::fs::write(&original.0, &original.1)?;
+    let mut cmd = restore(&bins, &bucket, "enc", "db-01", &point, &[("d", &out_path)]);
+    cmd.arg("--encryption-key-file").arg(&key);
+    let s = json(&run_ok(&mut cmd)?);
+    assert_eq!(s[0]["chunks_resumed"].as_u64().unwrap(), 5, "{s}");
+    assert_eq!(s[0]["chunks_restored"].as_u64().unwrap(), 1, "{s}");
+    assert_eq!(std::fs::read(&out_path)?, data);
     Ok(())
 }
 

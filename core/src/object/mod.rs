@@ -11,15 +11,22 @@
 
 pub mod blob;
 pub mod crypto;
+#[cfg(feature = "object")]
 pub mod gc;
+#[cfg(feature = "object")]
 pub mod repo;
+#[cfg(feature = "object")]
 pub mod retention;
+#[cfg(feature = "object")]
 pub mod s3;
+#[cfg(feature = "object")]
 pub mod session;
 
 pub use crypto::{Cipher, StoreKey};
+#[cfg(feature = "object")]
 pub use repo::Repo;
+#[cfg(feature = "object")]
 pub use session::{SessionOptions, SyncSession};
 
-#[cfg(test)]
+#[cfg(all(test, feature = "object"))]
 mod tests;
