@@ -1,6 +1,8 @@
 //! Object mode against the local-file object store: the session, pruning and GC interleaved
 //! at random, and the invariant that no surviving point ever misses a chunk.
 
+#![allow(clippy::unwrap_used, reason = "test helpers outside #[test] functions")]
+
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, Mutex};
