@@ -73,7 +73,8 @@ struct RestoreArgs {
     /// Chunks fetched in parallel (and held in memory).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
     window: u32,
-    /// The resume journal (needed for a block device; default PATH.tern-restore for files).
+    /// The resume journal (default: PATH.tern-restore for files,
+    /// /var/lib/tern-recovery-helper/HOST.POINT.DISK.tern-restore for block devices).
     #[arg(long)]
     journal: Option<PathBuf>,
     /// No progress bar.

@@ -93,8 +93,8 @@ pub struct RestoreOptions {
     pub window: usize,
     /// The I/O engine.
     pub engine: EngineConfig,
-    /// The resume journal (default: OUTPUT.tern-restore next to a file; required for a block
-    /// device, whose directory is /dev).
+    /// The resume journal (default: OUTPUT.tern-restore next to a file, and
+    /// [`BLOCK_JOURNAL_DIR`]/HOST.POINT.DISK.tern-restore for a block device).
     pub journal: Option<PathBuf>,
     /// Show a progress bar.
     pub progress: bool,
@@ -132,6 +132,8 @@ pub struct RestoreSummary {
 }
 
 const JOURNAL_MAGIC: &str = "tern-restore-journal 1";
+/// Where the journals of restores to block devices go unless `--journal` says otherwise.
+pub const BLOCK_JOURNAL_DIR: &str = "/var/lib/tern-recovery-helper";
 /// How often written chunks are synced and journaled.
 const JOURNAL_EVERY: Duration = Duration::from_secs(2);
 
@@ -235,11 +237,26 @@ pub async fn restore_disk(
             needed: geometry.size(),
         });
     }
-    let journal_path = opts.journal.clone().unwrap_or_else(|| {
-        let mut p = output.as_os_str().to_owned();
-        p.push(".tern-restore");
-        PathBuf::from(p)
-    });
+    let journal_path = match &opts.journal {
+        Some(p) => p.clone(),
+        // Not next to a block device (its directory is /dev).
+        None if volume.is_block_device() => {
+            let dir = Path::new(BLOCK_JOURNAL_DIR);
+            std::fs::create_dir_all(dir).map_err(|source| RestoreError::Journal {
+                path: dir.display().to_string(),
+                source,
+            })?;
+            dir.join(format!(
+                "{}.{}.{}.tern-restore",
+                manifest.host_id, manifest.point_id, disk
+            ))
+        }
+        None => {
+            let mut p = output.as_os_str().to_owned();
+            p.push(".tern-restore");
+            PathBuf::from(p)
+        }
+    };
     let header = format!(
         "{JOURNAL_MAGIC} {} {} {} {}",
         manifest.host_id,

@@ -66,6 +66,11 @@ impl Volume {
         self.size
     }
 
+    /// True for a block device, false for a regular file.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
     /// Whether aligned I/O uses O_DIRECT.
     pub fn direct(&self) -> bool {
         self.dio.is_some()

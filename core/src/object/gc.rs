@@ -8,7 +8,8 @@
 //!   oldest live lease and than the GC's own start, minus a grace period.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -16,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::{Digest, HostId, PointId};
 
-use super::repo::{Repo, RepoError};
+use super::repo::{GcRun, Repo, RepoError};
 use super::retention::{Candidate, Retention, select};
 
 /// Why pruning or GC stopped.
@@ -24,6 +25,8 @@ use super::retention::{Candidate, Retention, select};
 pub enum GcError {
     #[error(transparent)]
     Repo(#[from] RepoError),
+    #[error("GC could not renew its run marker for minutes and stopped deleting; try again later")]
+    LostContact,
     #[error("the points of host {host} kept changing while GC read them; try again later")]
     Busy { host: HostId },
     #[error(
@@ -186,11 +189,42 @@ pub struct GcReport {
     pub dry_run: bool,
 }
 
+/// How often a running GC says it is alive.
+pub const GC_ALIVE_EVERY: Duration = Duration::from_secs(60);
+
 /// Deletes the chunks no point needs and no running sync may need.
 pub async fn collect_garbage(repo: &Repo, opts: &GcOptions) -> Result<GcReport, GcError> {
     // 1. The announcement (and clock), 2. the leases, 3. the manifests, 4. the chunks: this
     // order is the proof.
     let run = repo.start_gc_run().await?;
+    let last_alive = Arc::new(Mutex::new(Instant::now()));
+    let alive = {
+        let (repo, run, last_alive) = (repo.clone(), run.clone(), last_alive.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(GC_ALIVE_EVERY).await;
+                match repo.gc_run_alive(&run).await {
+                    Ok(()) => *last_alive.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now(),
+                    Err(e) => warn!(error = %crate::error_chain(&e), "failed to renew the GC run marker"),
+                }
+            }
+        })
+    };
+    let result = collect(repo, opts, &run, &last_alive).await;
+    alive.abort();
+    // Finished, also when it failed: syncs waiting for it may go on.
+    let finished = repo.finish_gc_run(&run).await;
+    let report = result?;
+    finished?;
+    Ok(report)
+}
+
+async fn collect(
+    repo: &Repo,
+    opts: &GcOptions,
+    run: &GcRun,
+    last_alive: &Mutex<Instant>,
+) -> Result<GcReport, GcError> {
     let started = run.started;
     let ttl = chrono::Duration::from_std(opts.lease_ttl).unwrap_or(chrono::Duration::MAX);
     let grace = chrono::Duration::from_std(opts.grace).unwrap_or(chrono::Duration::MAX);
@@ -229,22 +263,31 @@ pub async fn collect_garbage(repo: &Repo, opts: &GcOptions) -> Result<GcReport, 
     }
     let deleted = doomed.len();
     if !opts.dry_run {
-        repo.delete_keys(doomed).await?;
+        for batch in doomed.chunks(1000) {
+            // Syncs take a run silent for 5 minutes for crashed and stop waiting for it: a run
+            // that could not say it is alive for half of that stops deleting.
+            if last_alive
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .elapsed()
+                > GC_ALIVE_EVERY * 5 / 2
+            {
+                return Err(GcError::LostContact);
+            }
+            repo.delete_keys(batch.to_vec()).await?;
+        }
     }
-    repo.finish_gc_run(&run).await?;
-    // Markers of finished runs are kept for a lease TTL: a sync that overlapped a run must
+    // Markers of finished runs are kept for two lease TTLs: a sync that overlapped a run must
     // still see it when it commits.
-    let old: Vec<_> = repo
+    let keep_for = ttl.checked_mul(2).unwrap_or(chrono::Duration::MAX);
+    for old in repo
         .list_gc_runs()
         .await?
-        .into_iter()
-        .filter(|r| r.done.is_some() && started - r.started > ttl * 2)
-        .flat_map(|r| {
-            let done = object_store::path::Path::from(format!("{}.done", r.key));
-            [done, r.key]
-        })
-        .collect();
-    repo.delete_keys(old).await?;
+        .iter()
+        .filter(|r| r.done.is_some() && started - r.started > keep_for)
+    {
+        repo.delete_gc_run(old).await?;
+    }
     let report = GcReport {
         started,
         cutoff,

@@ -5,7 +5,7 @@
 //! {prefix}/hosts/{host}/config.json                       chunk size, encryption, key id
 //! {prefix}/hosts/{host}/points/{point}.manifest           one per recovery point (TERNMFST)
 //! {prefix}/hosts/{host}/leases/{sync}/{ms}-{rand}         a running sync's lease (see gc.rs)
-//! {prefix}/gc/runs/{ms}-{rand}[.done]                     GC runs, started and finished (see gc.rs)
+//! {prefix}/gc/runs/{ms}-{rand}[.alive|.done]              GC runs: started, alive, finished (gc.rs)
 //! ```
 //!
 //! Nothing here needs the customer's key: the gateway lists, validates and garbage-collects a
@@ -481,8 +481,16 @@ impl Repo {
         Ok(GcRun {
             key,
             started: meta.last_modified,
+            alive: meta.last_modified,
             done: None,
         })
+    }
+
+    /// Says a GC run is still going (sessions treat a run silent for long as crashed).
+    pub async fn gc_run_alive(&self, run: &GcRun) -> Result<(), RepoError> {
+        let key = Path::from(format!("{}{ALIVE_SUFFIX}", run.key));
+        self.put("renew GC run", &key, Bytes::from_static(b"alive\n"))
+            .await
     }
 
     /// Marks a GC run finished.
@@ -496,25 +504,45 @@ impl Repo {
     pub async fn list_gc_runs(&self) -> Result<Vec<GcRun>, RepoError> {
         let dir = self.gc_runs_dir();
         let metas = self.list_all(&dir).await?;
+        let suffixed = |m: &object_store::ObjectMeta| {
+            let k = m.location.as_ref();
+            k.ends_with(DONE_SUFFIX) || k.ends_with(ALIVE_SUFFIX)
+        };
         let mut runs: Vec<GcRun> = metas
             .iter()
-            .filter(|m| !m.location.as_ref().ends_with(DONE_SUFFIX))
+            .filter(|m| !suffixed(m))
             .map(|m| GcRun {
                 key: m.location.clone(),
                 started: m.last_modified,
+                alive: m.last_modified,
                 done: None,
             })
             .collect();
-        for m in metas
-            .iter()
-            .filter(|m| m.location.as_ref().ends_with(DONE_SUFFIX))
-        {
-            let run = m.location.as_ref().trim_end_matches(DONE_SUFFIX);
+        for m in metas.iter().filter(|m| suffixed(m)) {
+            let k = m.location.as_ref();
+            let (run, done) = match k.strip_suffix(DONE_SUFFIX) {
+                Some(run) => (run, true),
+                None => (k.trim_end_matches(ALIVE_SUFFIX), false),
+            };
             if let Some(r) = runs.iter_mut().find(|r| r.key.as_ref() == run) {
-                r.done = Some(m.last_modified);
+                if done {
+                    r.done = Some(m.last_modified);
+                } else {
+                    r.alive = r.alive.max(m.last_modified);
+                }
             }
         }
         Ok(runs)
+    }
+
+    /// Deletes the markers of a GC run.
+    pub async fn delete_gc_run(&self, run: &GcRun) -> Result<(), RepoError> {
+        let keys = [DONE_SUFFIX, ALIVE_SUFFIX]
+            .iter()
+            .map(|s| Path::from(format!("{}{s}", run.key)))
+            .chain([run.key.clone()])
+            .collect();
+        self.delete_keys(keys).await
     }
 
     /// Whether chunk `id` exists.
@@ -529,6 +557,7 @@ impl Repo {
 }
 
 const DONE_SUFFIX: &str = ".done";
+const ALIVE_SUFFIX: &str = ".alive";
 
 /// A GC run as announced in the store (`gc/runs/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -537,6 +566,8 @@ pub struct GcRun {
     pub key: Path,
     /// When it started (server clock).
     pub started: DateTime<Utc>,
+    /// Its latest sign of life (server clock).
+    pub alive: DateTime<Utc>,
     /// When it finished, if it did.
     pub done: Option<DateTime<Utc>>,
 }

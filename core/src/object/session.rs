@@ -410,8 +410,8 @@ impl SyncSession {
     /// stored, and sees the lease: it keeps them (docs/object-mode.md).
     async fn check_gc_overlap(&self) -> Result<(), SessionError> {
         use futures::StreamExt;
-        /// A run unfinished for this long has crashed.
-        const GC_MAX: chrono::Duration = chrono::Duration::hours(12);
+        /// A run silent for this long has crashed (it says it is alive every minute).
+        const GC_SILENT: chrono::Duration = chrono::Duration::minutes(5);
         let wait_until = tokio::time::Instant::now() + Duration::from_secs(600);
         let mut pause = Duration::from_millis(20);
         loop {
@@ -423,17 +423,21 @@ impl SyncSession {
             if relevant.is_empty() {
                 return Ok(());
             }
-            let running = relevant
-                .iter()
-                .any(|r| r.done.is_none() && Utc::now() - r.started < GC_MAX);
-            if running {
-                if tokio::time::Instant::now() > wait_until {
-                    return Err(SessionError::GcRunning);
+            if relevant.iter().any(|r| r.done.is_none()) {
+                // The server's clock now (renewing the lease on the way).
+                let now = self.repo.put_lease(&self.host, &self.sync).await?;
+                let running = relevant
+                    .iter()
+                    .any(|r| r.done.is_none() && now - r.alive < GC_SILENT);
+                if running {
+                    if tokio::time::Instant::now() > wait_until {
+                        return Err(SessionError::GcRunning);
+                    }
+                    info!("a garbage collection is running; the commit waits for it");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                    continue;
                 }
-                info!("a garbage collection is running; the commit waits for it");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-                continue;
             }
             let ids: Vec<Digest> = self
                 .stored_ids
