@@ -320,19 +320,32 @@ impl SyncSession {
         self.key.as_ref()
     }
 
-    fn is_known(&self, id: &Digest) -> bool {
-        self.known
+    /// Stores chunk `id` (plaintext `data`) unless the store holds it or this sync is storing
+    /// it right now.
+    pub async fn put_chunk(&self, id: Digest, data: Bytes) -> Result<PutOutcome, SessionError> {
+        // Claimed before the PUT, so that an identical chunk in flight at the same time is not
+        // sent twice. If the PUT fails the claim is dropped; the failure fails the sync, so no
+        // manifest can name a chunk that was only claimed.
+        if !self
+            .known
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(id)
-    }
-
-    /// Stores chunk `id` (plaintext `data`) unless the store holds it.
-    pub async fn put_chunk(&self, id: Digest, data: Bytes) -> Result<PutOutcome, SessionError> {
-        if self.is_known(&id) {
+            .insert(id)
+        {
             self.known_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(PutOutcome::Known);
         }
+        let result = self.store_chunk(id, data).await;
+        if result.is_err() {
+            self.known
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
+        }
+        result
+    }
+
+    async fn store_chunk(&self, id: Digest, data: Bytes) -> Result<PutOutcome, SessionError> {
         let key = self.key.clone();
         let level = self.compression;
         let plain_len = data.len() as u64;
@@ -343,10 +356,6 @@ impl SyncSession {
                 .map_err(|source| SessionError::Blob { id, source })?;
         let bytes = blob.len() as u64;
         self.repo.put_chunk(&id, Bytes::from(blob)).await?;
-        self.known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id);
         self.stored_ids
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

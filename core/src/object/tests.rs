@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 
 use super::gc::{GcOptions, collect_garbage, prune};
 use super::retention::Retention;
-use super::session::{SessionError, SessionOptions, SyncSession};
+use super::session::{PutOutcome, SessionError, SessionOptions, SyncSession};
 use super::{Cipher, Repo, StoreKey, blob};
 use crate::manifest::ChunkRef;
 use crate::{ChunkGeometry, DiskId, DiskManifest, HostId, Manifest, PointId};
@@ -312,6 +312,31 @@ fn dedup_across_disks_and_points_and_a_wrong_key_is_named() {
         sync_once(&repo, &host, 0, &[3, 3, 0, 3], Some(&key), &j).await;
         sync_once(&repo, &host, 1, &[3, 4, 3, 3], Some(&key), &j).await;
         assert_eq!(repo.list_chunks().await.unwrap().len(), 2);
+
+        // The same new chunk four times at once (a window of identical chunks): sent once.
+        let opts = SessionOptions {
+            chunk_size: CHUNK,
+            compression: None,
+            lease_ttl: Duration::from_secs(60),
+            journal: None,
+        };
+        let p = PointId::new("p2b").unwrap();
+        let s = SyncSession::open(repo.clone(), host.clone(), p, Some(key.clone()), &opts)
+            .await
+            .unwrap();
+        let data = content(5);
+        let id = s.chunk_id(&data);
+        let outcomes = futures::future::join_all((0..4).map(|_| s.put_chunk(id, data.clone()))).await;
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| matches!(o, Ok(PutOutcome::Stored { .. })))
+                .count(),
+            1
+        );
+        assert_eq!(s.stats().chunks_stored, 1);
+        assert_eq!(s.stats().chunks_known, 3);
+        drop(s);
 
         let other = Arc::new(StoreKey::from_bytes(&[2; 32], Cipher::Aes256Gcm));
         let opts = SessionOptions {
