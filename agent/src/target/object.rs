@@ -32,6 +32,9 @@ pub struct ObjectTarget {
     lease_ttl: Duration,
     journal: PathBuf,
     session: Arc<Mutex<Option<Arc<SyncSession>>>>,
+    /// The last manifest read: a sync asks for the latest point's state, then its manifest
+    /// (several MiB for a large host), more than once.
+    manifest: Arc<Mutex<Option<Arc<Manifest>>>>,
 }
 
 impl ObjectTarget {
@@ -58,6 +61,7 @@ impl ObjectTarget {
             lease_ttl,
             journal,
             session: Arc::new(Mutex::new(None)),
+            manifest: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -71,6 +75,23 @@ impl ObjectTarget {
                 "the sync was not begun",
             )),
         }
+    }
+
+    /// A point's manifest, from the cache when it was the last one read (manifests never
+    /// change once written).
+    async fn manifest(&self, point: &PointId) -> Result<Arc<Manifest>, TargetError> {
+        let mut cache = self.manifest.lock().await;
+        if let Some(m) = cache.as_ref().filter(|m| &m.point_id == point) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(
+            self.repo
+                .get_manifest(&self.host, point)
+                .await
+                .map_err(|e| repo_err(format!("read point {point}"), e))?,
+        );
+        *cache = Some(m.clone());
+        Ok(m)
     }
 
     /// Counts of the current session (zero before `begin`).
@@ -144,11 +165,7 @@ impl Target for ObjectTarget {
                 disks: Vec::new(),
             });
         };
-        let m = self
-            .repo
-            .get_manifest(&self.host, &latest.id)
-            .await
-            .map_err(|e| repo_err("read the latest manifest", e))?;
+        let m = self.manifest(&latest.id).await?;
         Ok(HostState {
             host: self.host.clone(),
             open_sync: None,
@@ -234,10 +251,7 @@ impl Target for ObjectTarget {
     }
 
     async fn get_point(&self, point: &PointId) -> Result<Manifest, TargetError> {
-        self.repo
-            .get_manifest(&self.host, point)
-            .await
-            .map_err(|e| repo_err(format!("read point {point}"), e))
+        Ok(Manifest::clone(&*self.manifest(point).await?))
     }
 
     async fn list_points(&self) -> Result<Vec<PointEntry>, TargetError> {

@@ -414,20 +414,24 @@ impl SyncSession {
 
     /// Before the manifest is written: a GC run that overlapped this sync may have listed a
     /// chunk before this sync stored it again and deleted it after (content addressing makes
-    /// that the same key). Wait for running GCs, then check that every chunk this sync stored
-    /// still exists. A GC that starts after this check lists chunks after all of them were
-    /// stored, and sees the lease: it keeps them (docs/object-mode.md).
+    /// that the same key). Wait for the GCs that started before now (every chunk PUT of this
+    /// sync has been acknowledged), then check that every chunk this sync stored still exists.
+    /// A GC that starts after now lists chunks after all of them were stored, and sees the
+    /// lease: it keeps them (docs/object-mode.md). Not waiting for those also means a GC run
+    /// after run cannot starve the commit.
     async fn check_gc_overlap(&self) -> Result<(), SessionError> {
         use futures::StreamExt;
         /// A run silent for this long has crashed (it says it is alive every minute).
         const GC_SILENT: chrono::Duration = chrono::Duration::minutes(5);
         let wait_until = tokio::time::Instant::now() + Duration::from_secs(600);
         let mut pause = Duration::from_millis(20);
+        // The server's clock now (renewing the lease on the way).
+        let checked_at = self.repo.put_lease(&self.host, &self.sync).await?;
         loop {
             let runs = self.repo.list_gc_runs().await?;
             let relevant: Vec<_> = runs
                 .iter()
-                .filter(|r| r.done.is_none_or(|d| d >= self.first))
+                .filter(|r| r.started <= checked_at && r.done.is_none_or(|d| d >= self.first))
                 .collect();
             if relevant.is_empty() {
                 return Ok(());
