@@ -7,12 +7,15 @@
 //! ```text
 //! magic        8  "TERNBLKV"        (frozen: DO NOT MODIFY)
 //! version      2  1
-//! flags        2  0
+//! flags        2  bit 0: a change token follows the disk id; other bits 0
 //! size         8  disk size in bytes
 //! chunk_size   4
 //! block_size   4
 //! point_id     2+n length-prefixed UTF-8: the point these values describe
 //! disk_id      2+n length-prefixed UTF-8
+//! change_token 2+n length-prefixed UTF-8, only with flag bit 0: the change tracker's name for
+//!                  the state of the disk at this point (a dirty bitmap, an RBD snapshot, a
+//!                  VMware change id), so the next sync may read only what changed since
 //! header_sum   32 BLAKE3 of every header byte before it
 //! records      one per chunk, in chunk order; chunk i starts at header_len + i * full_record_len
 //!   values     blocks_in(chunk_len(i)) x 32: the BLAKE3 block values (tern_core::digest)
@@ -36,6 +39,12 @@ use tern_core::{DiskId, PointId};
 pub const BLOCKS_MAGIC: [u8; 8] = *b"TERNBLKV";
 /// The version this code writes and reads.
 pub const BLOCKS_VERSION: u16 = 1;
+/// Header flag: a change token follows the disk id.
+const FLAG_CHANGE_TOKEN: u16 = 1;
+/// Longest change token, in bytes.
+pub const MAX_CHANGE_TOKEN: usize = 255;
+/// The longest header: 8+2+2+8+4+4 + 2×(2+64) + (2+255) + 32 bytes.
+const MAX_HEADER_LEN: usize = 449;
 const VALUE_LEN: usize = 32;
 const SUM_LEN: usize = 32;
 
@@ -68,6 +77,9 @@ pub struct BlockStateHeader {
     pub geometry: ChunkGeometry,
     /// The compare blocks.
     pub layout: BlockLayout,
+    /// The change tracker's name for the disk's state at this point (see
+    /// [`crate::source::ChangeTracker`]): at most [`MAX_CHANGE_TOKEN`] bytes.
+    pub change_token: Option<String>,
 }
 
 impl BlockStateHeader {
@@ -75,12 +87,22 @@ impl BlockStateHeader {
         let mut out = Vec::with_capacity(200);
         out.extend_from_slice(&BLOCKS_MAGIC);
         out.extend_from_slice(&BLOCKS_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
+        let flags = if self.change_token.is_some() {
+            FLAG_CHANGE_TOKEN
+        } else {
+            0
+        };
+        out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&self.geometry.size().to_le_bytes());
         out.extend_from_slice(&self.geometry.chunk_size().to_le_bytes());
         out.extend_from_slice(&self.layout.block_size().to_le_bytes());
-        for s in [self.point.as_str(), self.disk.as_str()] {
-            // Ids are at most 64 bytes (validated by their types).
+        let token = self.change_token.as_deref();
+        for s in [Some(self.point.as_str()), Some(self.disk.as_str()), token]
+            .into_iter()
+            .flatten()
+        {
+            // Ids are at most 64 bytes (validated by their types), tokens at most
+            // MAX_CHANGE_TOKEN (checked by the writer).
             out.extend_from_slice(&(s.len() as u16).to_le_bytes());
             out.extend_from_slice(s.as_bytes());
         }
@@ -151,8 +173,7 @@ impl BlockStateReader {
             source,
         };
         let len = file.metadata().map_err(|e| io("stat", e))?.len();
-        // The header is at most 8+2+2+8+4+4+2*(2+64)+32 bytes.
-        let mut head = vec![0u8; 192.min(len as usize)];
+        let mut head = vec![0u8; MAX_HEADER_LEN.min(len as usize)];
         file.read_exact_at(&mut head, 0).map_err(|e| io("read", e))?;
         let (header, header_len, header_sum) = decode_header(&head).map_err(|r| invalid(path, r))?;
         let expected = header.file_len(header_len as u64);
@@ -249,7 +270,7 @@ fn decode_header(b: &[u8]) -> Result<(BlockStateHeader, usize, [u8; 32]), String
         return Err(format!("version {version} is not supported"));
     }
     let flags = c.u16()?;
-    if flags != 0 {
+    if flags & !FLAG_CHANGE_TOKEN != 0 {
         return Err(format!("flags {flags:#x} are not supported"));
     }
     let size = c.u64()?;
@@ -257,6 +278,15 @@ fn decode_header(b: &[u8]) -> Result<(BlockStateHeader, usize, [u8; 32]), String
     let block_size = c.u32()?;
     let point = c.str("point id")?;
     let disk = c.str("disk id")?;
+    let change_token = if flags & FLAG_CHANGE_TOKEN != 0 {
+        let t = c.str("change token")?;
+        if t.is_empty() || t.len() > MAX_CHANGE_TOKEN {
+            return Err(format!("change token of {} bytes", t.len()));
+        }
+        Some(t.to_owned())
+    } else {
+        None
+    };
     let body_len = c.pos;
     let mut sum = [0u8; 32];
     sum.copy_from_slice(c.take(SUM_LEN)?);
@@ -268,6 +298,7 @@ fn decode_header(b: &[u8]) -> Result<(BlockStateHeader, usize, [u8; 32]), String
         disk: DiskId::new(disk).map_err(|e| e.to_string())?,
         geometry: ChunkGeometry::new(size, chunk_size).map_err(|e| e.to_string())?,
         layout: BlockLayout::new(chunk_size, block_size).map_err(|e| e.to_string())?,
+        change_token,
     };
     Ok((header, body_len + SUM_LEN, sum))
 }
@@ -290,6 +321,14 @@ impl BlockStateWriter {
             path: path.to_owned(),
             source,
         };
+        if let Some(t) = &header.change_token
+            && (t.is_empty() || t.len() > MAX_CHANGE_TOKEN)
+        {
+            return Err(invalid(
+                path,
+                format!("change token of {} bytes (1 to {MAX_CHANGE_TOKEN})", t.len()),
+            ));
+        }
         let file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -385,6 +424,7 @@ mod tests {
             disk: DiskId::new("sda").unwrap(),
             geometry: ChunkGeometry::new(size, 64 << 10).unwrap(),
             layout: BlockLayout::new(64 << 10, 16 << 10).unwrap(),
+            change_token: None,
         }
     }
 
@@ -421,6 +461,28 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn change_tokens_round_trip_and_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sda.blocks");
+        let mut h = header(2 * (64 << 10));
+        h.change_token = Some("tern-20260101T000000Z-00000001".into());
+        write(&path, &h);
+        let r = BlockStateReader::open(&path).unwrap().unwrap();
+        assert_eq!(r.header(), &h);
+        // The longest token fits in what `open` reads of the header.
+        h.change_token = Some("t".repeat(MAX_CHANGE_TOKEN));
+        write(&path, &h);
+        assert_eq!(BlockStateReader::open(&path).unwrap().unwrap().header(), &h);
+        for bad in [String::new(), "t".repeat(MAX_CHANGE_TOKEN + 1)] {
+            h.change_token = Some(bad);
+            assert!(matches!(
+                BlockStateWriter::create(&path, h.clone()),
+                Err(BlockStateError::Invalid { .. })
+            ));
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
+use tern_core::changes::{Change, ChangeKind, ChangeMap};
 use tern_core::digest::BlockHasher;
 use tern_core::geometry::{BlockLayout, ChunkGeometry, GeometryError};
 use tern_core::manifest::ManifestError;
@@ -38,8 +39,11 @@ use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::bandwidth::Bandwidth;
 use crate::blockstate::{BlockStateError, BlockStateHeader, BlockStateReader, BlockStateWriter, install};
-use crate::plan::{ChunkBaseline, ChunkPlan, ExtentKind, PlannedExtent, plan_chunk, plan_whole_chunk};
-use crate::source::{READ_ALIGN, Source, SourceError};
+use crate::disk::{DiskReader, OpenContext, OpenedDisk, SourceOptions, SourceSpec, Tracker};
+use crate::plan::{
+    ChunkBaseline, ChunkPlan, ExtentKind, PlannedExtent, plan_chunk, plan_chunk_with_zero, plan_whole_chunk,
+};
+use crate::source::{READ_ALIGN, SourceError};
 use crate::state::{HostState, StateError};
 use crate::target::{Target, TargetError};
 
@@ -48,8 +52,18 @@ use crate::target::{Target, TargetError};
 pub struct DiskSpec {
     /// Its id inside the host.
     pub id: DiskId,
-    /// The block device or image file.
-    pub path: PathBuf,
+    /// Where it is read from.
+    pub source: SourceSpec,
+}
+
+impl DiskSpec {
+    /// A disk read from a block device or image file.
+    pub fn path(id: DiskId, path: impl Into<PathBuf>) -> Self {
+        Self {
+            id,
+            source: SourceSpec::Path(path.into()),
+        }
+    }
 }
 
 /// What to sync and how.
@@ -69,6 +83,8 @@ pub struct SyncOptions {
     pub window: usize,
     /// Bandwidth limit in bytes per second.
     pub bwlimit: Option<u64>,
+    /// Settings for the sources (NBD TLS and timeouts).
+    pub sources: SourceOptions,
 }
 
 /// Why a sync failed.
@@ -132,6 +148,9 @@ pub struct Counters {
     pub extents_sent: u64,
     /// Zero extents sent.
     pub zero_extents_sent: u64,
+    /// Bytes a change tracker listed as changed (data and zero ranges, rounded out to compare
+    /// blocks); 0 when the disk was read whole.
+    pub bytes_changed: u64,
 }
 
 impl Counters {
@@ -143,6 +162,7 @@ impl Counters {
         self.bytes_zeroed += o.bytes_zeroed;
         self.extents_sent += o.extents_sent;
         self.zero_extents_sent += o.zero_extents_sent;
+        self.bytes_changed += o.bytes_changed;
     }
 
     fn add_plan(&mut self, plan: &ChunkPlan) {
@@ -166,8 +186,11 @@ impl Counters {
 pub struct DiskSummary {
     /// The disk id.
     pub id: String,
-    /// The source path.
+    /// The source: a path or an NBD URI.
     pub path: String,
+    /// How the changed data was found: `read` (the whole disk was read and compared) or the
+    /// change tracker used (`dirty-bitmap:NAME`).
+    pub changes: String,
     /// Size in bytes.
     pub size: u64,
     /// What the volume was compared with: `state`, `manifest`, `zero` or `unknown`.
@@ -270,7 +293,12 @@ impl Baseline {
 #[derive(Debug)]
 struct DiskWork {
     disk: DiskId,
-    source: Source,
+    source: DiskReader,
+    /// From a change tracker: the changes by chunk (rounded out to compare blocks). Chunks not
+    /// listed are unchanged since the baseline, which is then [`Baseline::State`].
+    changes: Option<HashMap<u64, Vec<Change>>>,
+    /// The block values of a full all-zero chunk.
+    zero_values: Vec<[u8; 32]>,
     geometry: ChunkGeometry,
     hasher: BlockHasher,
     /// Send changed chunks whole (object mode).
@@ -292,9 +320,11 @@ struct ChunkDone {
     chunk_ref: ChunkRef,
     blocks: Vec<[u8; 32]>,
     plan: ChunkPlan,
-    /// The chunk's bytes (None: all hole, hence zeros).
+    /// The chunk's bytes (None: all hole, hence zeros; or nothing to send).
     data: Option<Bytes>,
     bytes_read: u64,
+    /// Bytes of the chunk a change tracker listed.
+    bytes_changed: u64,
 }
 
 impl DiskWork {
@@ -306,6 +336,145 @@ impl DiskWork {
     }
 
     fn process(&self, index: u64) -> Result<ChunkDone, SyncError> {
+        if let Some(changes) = &self.changes
+            && !self.landed.contains_key(&index)
+        {
+            // A chunk with landed extents (an interrupted sync wrote there) is read whole: the
+            // planner must see its current bytes to judge the landed records.
+            let done = match changes.get(&index) {
+                None => self.process_unchanged(index)?,
+                // Object mode stores whole chunks: a partly changed chunk is read whole.
+                Some(c) if !self.whole_chunks => self.process_changed(index, c)?,
+                Some(_) => None,
+            };
+            if let Some(done) = done {
+                return Ok(done);
+            }
+        }
+        self.process_read(index)
+    }
+
+    /// The block values of the baseline (the latest point's block-values file) for chunk
+    /// `index`; `None` when its record is damaged.
+    fn baseline_values(&self, index: u64) -> Result<Option<Vec<[u8; 32]>>, SyncError> {
+        match self.baseline.for_chunk(index, &self.geometry) {
+            Ok(Some(ChunkBaseline::Blocks(v))) => Ok(Some(v)),
+            Ok(_) => Ok(None),
+            Err(source) => Err(SyncError::BlockState {
+                disk: self.disk.clone(),
+                source,
+            }),
+        }
+    }
+
+    fn zero_values(&self, chunk_len: u32) -> std::borrow::Cow<'_, [[u8; 32]]> {
+        if chunk_len == self.geometry.chunk_size() {
+            std::borrow::Cow::Borrowed(&self.zero_values)
+        } else {
+            std::borrow::Cow::Owned(self.hasher.zero_values(chunk_len))
+        }
+    }
+
+    /// A chunk no change touches: its values and digest come from the baseline, nothing is
+    /// read. `None` when the baseline's record is damaged (the chunk is then read).
+    fn process_unchanged(&self, index: u64) -> Result<Option<ChunkDone>, SyncError> {
+        let Some(blocks) = self.baseline_values(index)? else {
+            return Ok(None);
+        };
+        let len = self.geometry.chunk_len(index);
+        let mut plan = ChunkPlan::default();
+        let chunk_ref = if *blocks == *self.zero_values(len) {
+            plan.bytes_zero = u64::from(len);
+            ChunkRef::Zero
+        } else {
+            plan.bytes_unchanged = u64::from(len);
+            ChunkRef::Data(self.hasher.digest_from_blocks(&blocks, len))
+        };
+        Ok(Some(ChunkDone {
+            index,
+            chunk_ref,
+            blocks,
+            plan,
+            data: None,
+            bytes_read: 0,
+            bytes_changed: 0,
+        }))
+    }
+
+    /// A chunk some changes touch (block mode): only the changed blocks are read (data) or
+    /// known (zero) and hashed; the other blocks keep their baseline values, and only blocks
+    /// whose value changed are sent. `None` when the baseline's record is damaged.
+    fn process_changed(&self, index: u64, changes: &[Change]) -> Result<Option<ChunkDone>, SyncError> {
+        let Some(mut blocks) = self.baseline_values(index)? else {
+            return Ok(None);
+        };
+        let old = ChunkBaseline::Blocks(blocks.clone());
+        let range = self.geometry.chunk_range(index);
+        let len = (range.end - range.start) as usize;
+        let layout = self.hasher.layout();
+        let bs = u64::from(layout.block_size());
+        let mut buf = self.buffers.get();
+        let mut touched = vec![false; blocks.len()];
+        let mut bytes_read = 0;
+        let mut bytes_changed = 0;
+        for c in changes {
+            let rel = (c.range.start - range.start) as usize..(c.range.end - range.start) as usize;
+            bytes_changed += c.len();
+            for t in &mut touched[(rel.start as u64 / bs) as usize..(rel.end as u64).div_ceil(bs) as usize] {
+                *t = true;
+            }
+            match c.kind {
+                ChangeKind::Zero => buf[rel].fill(0),
+                ChangeKind::Data => {
+                    // Rounded up to 4 KiB for O_DIRECT (the pooled buffer has room): only the
+                    // disk's end is not aligned.
+                    let end = rel.end.next_multiple_of(READ_ALIGN as usize);
+                    let n = self
+                        .source
+                        .read_at(&mut buf[rel.start..end], c.range.start)
+                        .map_err(|e| self.source_err(e))?;
+                    buf[rel.start + n..end].fill(0);
+                    bytes_read += n as u64;
+                }
+            }
+        }
+        let chunk_len = len as u32;
+        let zero_values = self.zero_values(chunk_len);
+        let mut zero = Vec::with_capacity(blocks.len());
+        for (b, value) in blocks.iter_mut().enumerate() {
+            if touched[b] {
+                let data = &buf[layout.block_range(chunk_len, b)];
+                *value = self.hasher.block_value(&buf[..len], chunk_len, b);
+                zero.push(tern_core::digest::is_zero(data));
+            } else {
+                zero.push(*value == zero_values[b]);
+            }
+        }
+        let all_zero = zero.iter().all(|z| *z);
+        let hashes = tern_core::digest::ChunkHashes {
+            digest: (!all_zero).then(|| self.hasher.digest_from_blocks(&blocks, chunk_len)),
+            blocks,
+        };
+        buf.truncate(len);
+        let plan = plan_chunk_with_zero(layout, range.start, &buf, &hashes, &zero, &old, &[]);
+        trace!(
+            chunk = index,
+            extents = plan.extents.len(),
+            "changed chunk planned"
+        );
+        Ok(Some(ChunkDone {
+            index,
+            chunk_ref: hashes.digest.map_or(ChunkRef::Zero, ChunkRef::Data),
+            blocks: hashes.blocks,
+            plan,
+            data: Some(Bytes::from_owner(buf)),
+            bytes_read,
+            bytes_changed,
+        }))
+    }
+
+    /// Reads, hashes and plans a whole chunk.
+    fn process_read(&self, index: u64) -> Result<ChunkDone, SyncError> {
         let range = self.geometry.chunk_range(index);
         let len = (range.end - range.start) as usize;
         let segments = self
@@ -379,6 +548,7 @@ impl DiskWork {
             plan,
             data: buf.map(Bytes::from_owner),
             bytes_read,
+            bytes_changed: 0,
         })
     }
 }
@@ -405,29 +575,6 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
         }
     }
     let state = HostState::open(&opts.state_dir, &opts.host)?;
-
-    let mut sources = Vec::new();
-    for d in &opts.disks {
-        let source = Source::open(&d.path).map_err(|source| SyncError::Source {
-            disk: d.id.clone(),
-            source,
-        })?;
-        let geometry =
-            ChunkGeometry::new(source.size(), opts.chunk_size).map_err(|source| SyncError::Geometry {
-                disk: d.id.clone(),
-                source,
-            })?;
-        sources.push((d, source, geometry));
-    }
-    let plan = SyncPlan {
-        disks: sources
-            .iter()
-            .map(|(d, _, g)| PlannedDisk {
-                id: d.id.clone(),
-                geometry: *g,
-            })
-            .collect(),
-    };
 
     let before = target.state().await?;
     if before.host != opts.host {
@@ -470,6 +617,36 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
     let span = info_span!("sync", host = %opts.host, sync = %sync);
     async {
         info!(target = %target.describe(), disks = opts.disks.len(), resumed, "sync started");
+        let mut sources = Vec::new();
+        for d in &opts.disks {
+            let ctx = OpenContext {
+                sync: sync.clone(),
+                disk: d.id.clone(),
+                run_dir: state.root().to_owned(),
+            };
+            let opened = crate::disk::open(&d.source, &opts.sources, &ctx)
+                .await
+                .map_err(|source| SyncError::Source {
+                    disk: d.id.clone(),
+                    source,
+                })?;
+            let geometry = ChunkGeometry::new(opened.reader.size(), opts.chunk_size).map_err(|source| {
+                SyncError::Geometry {
+                    disk: d.id.clone(),
+                    source,
+                }
+            })?;
+            sources.push((d, opened, geometry));
+        }
+        let plan = SyncPlan {
+            disks: sources
+                .iter()
+                .map(|(d, _, g)| PlannedDisk {
+                    id: d.id.clone(),
+                    geometry: *g,
+                })
+                .collect(),
+        };
         target.begin(&sync, &plan).await?;
         let now = target.state().await?;
         let latest = now.latest_point.as_ref().map(|p| p.id.clone());
@@ -479,6 +656,7 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
         let mut disks = Vec::new();
         let mut summaries = Vec::new();
         let mut new_states = Vec::new();
+        let mut trackers = Vec::new();
         for (spec, source, geometry) in sources {
             let baseline = choose_baseline(
                 target.as_ref(),
@@ -494,11 +672,23 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
             let landed = target.landed(&spec.id).await?;
             let landed_count = landed.len();
             debug!(disk = %spec.id, baseline = baseline.name(), landed = landed_count, "disk planned");
+            let OpenedDisk { reader, tracker } = source;
+            let changes = match &tracker {
+                Some(t) => tracked_changes(t, &spec.id, &baseline, &geometry, layout).await?,
+                None => None,
+            };
+            let changes_name = match (&tracker, &changes) {
+                (Some(t), Some(_)) => t.describe(),
+                _ => "read".to_owned(),
+            };
+            let hasher = BlockHasher::with_key(layout, target.id_key());
             let work = Arc::new(DiskWork {
                 disk: spec.id.clone(),
-                source,
+                source: reader,
+                changes: changes.map(|m| m.by_chunk(&geometry).into_iter().collect()),
+                zero_values: hasher.zero_values(opts.chunk_size),
                 geometry,
-                hasher: BlockHasher::with_key(layout, target.id_key()),
+                hasher,
                 whole_chunks: target.whole_chunks(),
                 landed: group_landed(&geometry, &landed),
                 baseline,
@@ -510,9 +700,19 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
             });
             let baseline_name = work.baseline.name();
             let tmp = state.new_blocks_path(&spec.id);
-            let out = sync_disk(target, &sync, work, tmp, opts.window.max(1), bandwidth.clone())
-                .instrument(info_span!("disk", disk = %spec.id))
-                .await?;
+            let token = tracker.as_ref().map(|t| t.next_token().to_owned());
+            let out = sync_disk(
+                target,
+                &sync,
+                work,
+                tmp,
+                token,
+                opts.window.max(1),
+                bandwidth.clone(),
+            )
+            .instrument(info_span!("disk", disk = %spec.id))
+            .await?;
+            trackers.extend(tracker);
             info!(
                 disk = %spec.id,
                 baseline = baseline_name,
@@ -523,7 +723,8 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
             );
             summaries.push(DiskSummary {
                 id: spec.id.to_string(),
-                path: spec.path.display().to_string(),
+                path: spec.source.describe(),
+                changes: changes_name,
                 size: geometry.size(),
                 baseline: baseline_name,
                 landed_extents: landed_count,
@@ -554,6 +755,9 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
                 .map_err(|source| SyncError::BlockState { disk, source })?;
         }
         state.clear_pending_sync()?;
+        for t in &trackers {
+            t.after_commit().await;
+        }
 
         let mut totals = Counters::default();
         for d in &summaries {
@@ -663,6 +867,49 @@ async fn choose_baseline<T: Target>(
     })
 }
 
+/// The changes a tracker lists since the baseline, rounded out to compare blocks; `None` when
+/// the disk must be read whole: the baseline is not the block values of the latest point, the
+/// disk changed size, or the tracker does not know the baseline's change token.
+async fn tracked_changes(
+    tracker: &Tracker,
+    disk: &DiskId,
+    baseline: &Baseline,
+    geometry: &ChunkGeometry,
+    layout: BlockLayout,
+) -> Result<Option<ChangeMap>, SyncError> {
+    let Baseline::State(r) = baseline else {
+        info!(disk = %disk, tracker = %tracker.describe(), "no block values of the latest point here; reading the whole disk");
+        return Ok(None);
+    };
+    let h = r.header();
+    if h.geometry != *geometry {
+        info!(disk = %disk, old_size = h.geometry.size(), size = geometry.size(), "the disk changed size; reading it whole");
+        return Ok(None);
+    }
+    let Some(token) = h.change_token.as_deref() else {
+        info!(disk = %disk, tracker = %tracker.describe(), "the latest point has no change token; reading the whole disk");
+        return Ok(None);
+    };
+    let Some(map) = tracker
+        .changes_since(token)
+        .await
+        .map_err(|source| SyncError::Source {
+            disk: disk.clone(),
+            source,
+        })?
+    else {
+        return Ok(None);
+    };
+    if map.size() != geometry.size() {
+        info!(disk = %disk, "the change list describes another disk size; reading the whole disk");
+        return Ok(None);
+    }
+    let map = map.align_out(u64::from(layout.block_size()));
+    let (data, zero) = map.bytes();
+    info!(disk = %disk, tracker = %tracker.describe(), since = token, ranges = map.changes().len(), data, zero, "reading only the changed ranges");
+    Ok(Some(map))
+}
+
 /// What one disk's pipeline produced.
 #[derive(Debug)]
 struct DiskOutcome {
@@ -677,6 +924,7 @@ async fn sync_disk<T: Target>(
     sync: &PointId,
     work: Arc<DiskWork>,
     new_state: PathBuf,
+    change_token: Option<String>,
     window: usize,
     bandwidth: Option<Arc<Bandwidth>>,
 ) -> Result<DiskOutcome, SyncError> {
@@ -687,6 +935,7 @@ async fn sync_disk<T: Target>(
         disk: disk.clone(),
         geometry,
         layout: work.hasher.layout(),
+        change_token,
     };
 
     // The new block values are written in chunk order by a blocking thread.
@@ -728,6 +977,7 @@ async fn sync_disk<T: Target>(
         }
         let range = geometry.chunk_range(done.index);
         counters.bytes_read += done.bytes_read;
+        counters.bytes_changed += done.bytes_changed;
         counters.add_plan(&done.plan);
         chunks.push(done.chunk_ref);
         if values_tx.send((done.index, done.blocks)).await.is_err() {

@@ -2,7 +2,10 @@
 //! streams it to a target (the Cloud Sync Gateway's S3 API, or a local directory), then commits
 //! one recovery point for all the host's disks.
 //!
-//! - [`source`]: block devices and image files, read with `O_DIRECT`, holes skipped.
+//! - [`source`]: block devices and image files, read with `O_DIRECT`, holes skipped;
+//!   [`nbd`]: NBD exports (the agent as a sync proxy) with QEMU dirty bitmaps; [`rbd`]: Ceph RBD
+//!   images through snapshot diffs; [`disk`]: the sources behind one interface, and their
+//!   change trackers.
 //! - [`plan`]: which extents of a chunk to send, from the baseline (what the volume held at the
 //!   last point), the landed extents (written since) and the current bytes.
 //! - [`blockstate`]: the per-disk block-values file kept between syncs; [`state`]: the rest of
@@ -17,9 +20,12 @@
 pub mod bandwidth;
 pub mod blockstate;
 pub mod bufpool;
+pub mod disk;
 pub mod engine;
+pub mod nbd;
 pub mod plan;
 pub mod progress;
+pub mod rbd;
 pub mod schedule;
 pub mod source;
 pub mod state;

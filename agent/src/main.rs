@@ -11,8 +11,11 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
+use tern_agent::disk::{SourceOptions, SourceSpec};
 use tern_agent::engine::{DiskSpec, SyncError, SyncOptions, sync_host};
+use tern_agent::nbd::NbdOptions;
 use tern_agent::progress;
+use tern_agent::rbd::RbdOptions;
 use tern_agent::schedule::{RunOutcome, run_every};
 use tern_agent::state::KnownGateways;
 use tern_agent::target::dir::DirTarget;
@@ -123,9 +126,45 @@ struct ObjectArgs {
 struct SyncArgs {
     #[command(flatten)]
     target: TargetArgs,
-    /// A disk to sync, ID=PATH (a block device or raw image file); repeat for each disk.
-    #[arg(long = "disk", value_name = "ID=PATH", value_parser = parse_disk, required = true)]
+    /// A disk to sync, ID=SOURCE; repeat for each disk. SOURCE is a block device or raw image
+    /// file, an NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, and
+    /// nbds:// / nbds+unix:// for TLS), or a Ceph RBD image (rbd:POOL/IMAGE: a snapshot per sync,
+    /// incrementals from snapshot diffs).
+    #[arg(long = "disk", value_name = "ID=SOURCE", value_parser = parse_disk, required = true)]
     disks: Vec<DiskSpec>,
+    /// For an NBD disk, ID=NAME: the QEMU dirty bitmap that lists what changed since the latest
+    /// point. Used only when that point recorded NAME as its change token; otherwise the disk is
+    /// read whole (allocated extents only).
+    #[arg(long = "dirty-bitmap", value_name = "ID=NAME", value_parser = parse_named)]
+    dirty_bitmaps: Vec<(DiskId, String)>,
+    /// For an NBD disk, ID=NAME: the change token the new point records, i.e. the bitmap that
+    /// tracks writes from this sync's point in time on (created by the caller before the sync
+    /// reads anything; default: the --dirty-bitmap name, for a bitmap cleared after each sync).
+    /// Alone (no --dirty-bitmap), for the first sync: the disk is read whole.
+    #[arg(long = "next-bitmap", value_name = "ID=NAME", value_parser = parse_named)]
+    next_bitmaps: Vec<(DiskId, String)>,
+    /// CA certificate(s) (PEM) for nbds:// disks.
+    #[arg(long)]
+    nbd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for NBD servers that verify clients (with --nbd-client-key).
+    #[arg(long, requires = "nbd_client_key")]
+    nbd_client_cert: Option<PathBuf>,
+    /// Client key (PEM), with --nbd-client-cert.
+    #[arg(long, requires = "nbd_client_cert")]
+    nbd_client_key: Option<PathBuf>,
+    /// Ceph configuration file for rbd: disks (default: the rbd CLI's, CEPH_CONF or
+    /// /etc/ceph/ceph.conf).
+    #[arg(long)]
+    ceph_conf: Option<PathBuf>,
+    /// Ceph keyring for rbd: disks.
+    #[arg(long)]
+    ceph_keyring: Option<PathBuf>,
+    /// Ceph client id for rbd: disks (without "client.").
+    #[arg(long)]
+    ceph_id: Option<String>,
+    /// Longest wait for one NBD reply before the sync fails.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    nbd_timeout: Duration,
     /// Chunk size: a power of two from 64K to 16M.
     #[arg(long, default_value = "4M", value_parser = parse_chunk_size)]
     chunk_size: u32,
@@ -195,15 +234,30 @@ fn parse_fp(s: &str) -> Result<Fingerprint, String> {
 }
 
 fn parse_disk(s: &str) -> Result<DiskSpec, String> {
-    let (id, path) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=PATH"))?;
+    let (id, source) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not ID=SOURCE"))?;
     let id = DiskId::new(id).map_err(|e| e.to_string())?;
-    if path.is_empty() {
-        return Err(format!("disk {id} has no path"));
+    if source.is_empty() {
+        return Err(format!("disk {id} has no source"));
     }
-    Ok(DiskSpec {
-        id,
-        path: PathBuf::from(path),
-    })
+    let source = SourceSpec::parse(source).map_err(|e| format!("disk {id}: {e}"))?;
+    Ok(DiskSpec { id, source })
+}
+
+fn parse_named(s: &str) -> Result<(DiskId, String), String> {
+    let (id, name) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=NAME"))?;
+    let id = DiskId::new(id).map_err(|e| e.to_string())?;
+    if name.is_empty()
+        || name.len() > tern_agent::blockstate::MAX_CHANGE_TOKEN
+        || name.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "disk {id}: {name:?} must be 1 to {} printable bytes",
+            tern_agent::blockstate::MAX_CHANGE_TOKEN
+        ));
+    }
+    Ok((id, name.to_owned()))
 }
 
 fn parse_chunk_size(s: &str) -> Result<u32, String> {
@@ -300,14 +354,51 @@ fn sync_options(args: &SyncArgs) -> anyhow::Result<SyncOptions> {
             return Err(usage(format!("disk id {} is given twice", d.id)));
         }
     }
+    let mut disks = args.disks.clone();
+    for (flag, list) in [
+        ("--dirty-bitmap", &args.dirty_bitmaps),
+        ("--next-bitmap", &args.next_bitmaps),
+    ] {
+        for (i, (id, name)) in list.iter().enumerate() {
+            if list[..i].iter().any(|(x, _)| x == id) {
+                return Err(usage(format!("{flag} names disk {id} twice")));
+            }
+            let Some(disk) = disks.iter_mut().find(|d| &d.id == id) else {
+                return Err(usage(format!("{flag} {id}={name}: there is no --disk {id}")));
+            };
+            let SourceSpec::Nbd(nbd) = &mut disk.source else {
+                return Err(usage(format!(
+                    "{flag} {id}={name}: disk {id} is not an NBD export"
+                )));
+            };
+            if flag == "--dirty-bitmap" {
+                nbd.bitmap = Some(name.clone());
+            } else {
+                nbd.next_bitmap = Some(name.clone());
+            }
+        }
+    }
+    let sources = SourceOptions {
+        nbd: NbdOptions {
+            ca_file: args.nbd_ca_file.clone(),
+            client_cert: args.nbd_client_cert.clone().zip(args.nbd_client_key.clone()),
+            request_timeout: Some(args.nbd_timeout),
+        },
+        rbd: RbdOptions {
+            conf: args.ceph_conf.clone(),
+            keyring: args.ceph_keyring.clone(),
+            id: args.ceph_id.clone(),
+        },
+    };
     Ok(SyncOptions {
         host: args.target.host.clone(),
-        disks: args.disks.clone(),
+        disks,
         state_dir: args.target.state_dir.clone(),
         chunk_size: args.chunk_size,
         block_size: args.block_size,
         window: args.window as usize,
         bwlimit: args.bwlimit,
+        sources,
     })
 }
 

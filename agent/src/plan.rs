@@ -126,9 +126,29 @@ pub fn plan_chunk(
 ) -> ChunkPlan {
     let chunk_len = data.len();
     let n = layout.blocks_in(chunk_len as u32);
-    let block = |b: usize| layout.block_range(chunk_len as u32, b);
     let all_zero = hashes.digest.is_none();
-    let zero: Vec<bool> = (0..n).map(|b| all_zero || is_zero(&data[block(b)])).collect();
+    let zero: Vec<bool> = (0..n)
+        .map(|b| all_zero || is_zero(&data[layout.block_range(chunk_len as u32, b)]))
+        .collect();
+    plan_chunk_with_zero(layout, chunk_start, data, hashes, &zero, baseline, landed)
+}
+
+/// [`plan_chunk`] with the zero flags of the blocks given: `zero[b]` is true when block `b` is
+/// all zeros. A caller that read only some blocks of `data` (the others are unchanged since the
+/// baseline, which must then be [`ChunkBaseline::Blocks`], and no landed extent touches the
+/// chunk) knows the others' flags from their values: only the blocks to send are looked at.
+pub fn plan_chunk_with_zero(
+    layout: BlockLayout,
+    chunk_start: u64,
+    data: &[u8],
+    hashes: &ChunkHashes,
+    zero: &[bool],
+    baseline: &ChunkBaseline,
+    landed: &[LandedExtent],
+) -> ChunkPlan {
+    let chunk_len = data.len();
+    let n = layout.blocks_in(chunk_len as u32);
+    let block = |b: usize| layout.block_range(chunk_len as u32, b);
 
     let mut in_sync: Vec<bool> = (0..n)
         .map(|b| match baseline {
@@ -148,7 +168,7 @@ pub fn plan_chunk(
             chunk_start,
             chunk_len,
             landed,
-            &zero,
+            zero,
             &mut in_sync,
             &mut join,
         );

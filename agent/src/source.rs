@@ -39,6 +39,17 @@ pub enum SourceError {
     Kind { path: PathBuf },
     #[error("{path} ended at byte {at}, before its size {size} (did it shrink?)")]
     Short { path: PathBuf, at: u64, size: u64 },
+    #[error("failed to {op} NBD export {uri}")]
+    Nbd {
+        uri: String,
+        op: &'static str,
+        #[source]
+        source: Box<tern_core::nbd::NbdError>,
+    },
+    #[error("NBD export {uri}: {reason}")]
+    NbdSetup { uri: String, reason: String },
+    #[error("RBD image {image}: {reason}")]
+    Rbd { image: String, reason: String },
 }
 
 /// An open source disk.

@@ -67,20 +67,15 @@ fn fixture() -> Fixture {
     let opts = SyncOptions {
         host: host.clone(),
         disks: vec![
-            DiskSpec {
-                id: DiskId::new("sda").unwrap(),
-                path: a.clone(),
-            },
-            DiskSpec {
-                id: DiskId::new("sdb").unwrap(),
-                path: b.clone(),
-            },
+            DiskSpec::path(DiskId::new("sda").unwrap(), &a),
+            DiskSpec::path(DiskId::new("sdb").unwrap(), &b),
         ],
         state_dir: tmp.path().join("state"),
         chunk_size: CHUNK,
         block_size: BLOCK,
         window: 4,
         bwlimit: None,
+        sources: Default::default(),
     };
     Fixture {
         _tmp: tmp,

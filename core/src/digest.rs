@@ -166,6 +166,30 @@ impl BlockHasher {
         ChunkHashes { digest, blocks }
     }
 
+    /// The value of block `index` of a chunk of `chunk_len` bytes, as [`BlockHasher::hash_chunk`]
+    /// computes it; `chunk` holds the chunk's bytes, of which only block `index` is read (the
+    /// rest may be anything). Lets a sync that knows which blocks changed hash only those.
+    pub fn block_value(&self, chunk: &[u8], chunk_len: u32, index: usize) -> [u8; 32] {
+        if self.layout.blocks_in(chunk_len) <= 1 {
+            return self.root(&chunk[..chunk_len as usize]);
+        }
+        let range = self.layout.block_range(chunk_len, index);
+        let bytes = &chunk[range.clone()];
+        if range.len() == self.layout.block_size() as usize && is_zero(bytes) {
+            return self.zero_full_blocks[index];
+        }
+        block_cv(self.key.as_ref(), bytes, range.start as u64)
+    }
+
+    /// The block values of an all-zero chunk of `chunk_len` bytes.
+    pub fn zero_values(&self, chunk_len: u32) -> Vec<[u8; 32]> {
+        let n = self.layout.blocks_in(chunk_len);
+        if n > 1 && chunk_len == self.layout.chunk_size() {
+            return self.zero_full_blocks.clone();
+        }
+        self.hash_chunk(&vec![0u8; chunk_len as usize]).blocks
+    }
+
     /// The chunk digest from block values computed by [`BlockHasher::hash_chunk`] for a chunk of
     /// `chunk_len` bytes (not meaningful for zero chunks, whose digest is `None`).
     pub fn digest_from_blocks(&self, blocks: &[[u8; 32]], chunk_len: u32) -> Digest {
@@ -266,6 +290,22 @@ mod tests {
                 prop_assert_eq!(hasher.digest_from_blocks(&h.blocks, len as u32), Digest::of(&data));
             }
             prop_assert_eq!(h.blocks.len(), layout.blocks_in(len as u32));
+            // Block by block, the same values, whatever the other blocks hold.
+            let mut noisy = data.clone();
+            for (i, v) in h.blocks.iter().enumerate() {
+                let r = layout.block_range(len as u32, i);
+                if h.blocks.len() > 1 {
+                    // Scribble over the other blocks: they must not matter.
+                    for (j, b) in noisy.iter_mut().enumerate() {
+                        if !r.contains(&j) {
+                            *b = 0x5a;
+                        }
+                    }
+                }
+                prop_assert_eq!(&hasher.block_value(&noisy, len as u32, i), v);
+                noisy.copy_from_slice(&data);
+            }
+            prop_assert_eq!(hasher.zero_values(len as u32), hasher.hash_chunk(&vec![0u8; len]).blocks);
 
             // Keyed (object mode with encryption): equal to keyed BLAKE3 of the chunk.
             let key = [seed as u8; 32];

@@ -198,6 +198,11 @@ impl BlockLayout {
         self.block_size
     }
 
+    /// Chunk size in bytes.
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
     /// Blocks in a full chunk.
     pub fn blocks_per_chunk(&self) -> usize {
         (self.chunk_size / self.block_size) as usize

@@ -5,20 +5,31 @@
 //!   into the chunk digest without hashing twice.
 //! - [`manifest`]: the recovery-point manifest, the one file that describes a point
 //!   (byte layout in `docs/formats.md`).
+//! - [`changes`]: changed areas of a disk since a point (dirty bitmaps, RBD diffs, CBT).
+//! - [`cbt`]: VMware CBT change ids, `QueryChangedDiskAreas` replies onto a change map, the
+//!   per-disk change-id book (`docs/vmware-cbt.md`).
 //! - [`ids`]: validated host, disk and point identifiers.
+//! - [`nbd`]: the NBD wire format (always) and the async NBD client (feature `nbd`) that reads
+//!   disks, allocation maps and dirty bitmaps from `qemu-nbd`, QEMU and `nbdkit`.
+//! - [`rbd_diff`]: Ceph `rbd export-diff` streams, validated into a change map plus a spool file
+//!   (byte layout and Ceph's behaviour in `docs/rbd.md`).
 //! - `object` (feature `object`): object mode (chunk store in S3, sessions, retention, GC).
 //! - `io` (feature `io`): the block I/O engines (io_uring and portable) used by the gateway to
 //!   write volumes and by the restore engine.
 
+pub mod cbt;
+pub mod changes;
 pub mod digest;
 pub mod geometry;
 pub mod ids;
 #[cfg(feature = "io")]
 pub mod io;
 pub mod manifest;
+pub mod nbd;
 #[cfg(feature = "blob")]
 pub mod object;
 pub mod protocol;
+pub mod rbd_diff;
 #[cfg(feature = "tls")]
 pub mod tls;
 

@@ -9,8 +9,10 @@
 //! (`tern-fault-proxy`, an HTTPS reverse proxy that injects S3 faults); [`fixture`] holds what
 //! they share. Their own tests (`tests/fixtures.rs`) run under plain `cargo test`.
 
+pub mod ceph;
 pub mod faultproxy;
 pub mod fixture;
+pub mod qemu;
 pub mod s3server;
 
 use std::io::{Read, Seek, SeekFrom, Write};
