@@ -73,7 +73,13 @@ def mount_xfs(script, work, size=24 << 30):
     run(["mount", dev, work])
 
     def cleanup():
-        subprocess.run(["umount", work])
+        # A process that just exited may still hold the mount for a moment.
+        for _ in range(50):
+            if subprocess.run(["umount", work], stderr=subprocess.DEVNULL).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["umount", "-l", work])
         subprocess.run(["losetup", "-d", dev])
         os.unlink(img)
 

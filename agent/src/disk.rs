@@ -7,6 +7,8 @@
 //!   persistent dirty bitmap).
 //! - [`SourceSpec::Rbd`]: a Ceph RBD image: a snapshot per sync, read over NBD (a private
 //!   `qemu-nbd` with QEMU's librbd driver), changes from `rbd export-diff`.
+//! - [`SourceSpec::Qmp`]: a disk of a running QEMU guest: a point-in-time export set up through
+//!   QMP (fleecing), with dirty bitmaps switched at that instant ([`crate::qmp`]).
 //!
 //! A source may come with a [`Tracker`], which names the disk's current state with a *change
 //! token* (recorded with the point this sync makes, in the block-values file) and, given the
@@ -16,11 +18,13 @@
 
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tern_core::changes::ChangeMap;
 use tern_core::{DiskId, PointId};
 
 use crate::nbd::{BitmapTracker, NbdDisk, NbdOptions, NbdSpec};
+use crate::qmp::{LiveExport, QmpSpec};
 use crate::rbd::{RbdOptions, RbdSpec, RbdTracker};
 use crate::source::{Source, SourceError};
 
@@ -33,6 +37,8 @@ pub enum SourceSpec {
     Nbd(NbdSpec),
     /// A Ceph RBD image.
     Rbd(RbdSpec),
+    /// A disk of a running QEMU, through its QMP socket.
+    Qmp(QmpSpec),
 }
 
 impl SourceSpec {
@@ -44,6 +50,9 @@ impl SourceSpec {
         }
         if let Some(r) = RbdSpec::parse(s) {
             return r.map(SourceSpec::Rbd);
+        }
+        if let Some(q) = QmpSpec::parse(s) {
+            return q.map(SourceSpec::Qmp);
         }
         if NbdSpec::is_uri(s) {
             return NbdSpec::parse(s).map(SourceSpec::Nbd);
@@ -57,6 +66,7 @@ impl SourceSpec {
             SourceSpec::Path(p) => p.display().to_string(),
             SourceSpec::Nbd(n) => n.uri.clone(),
             SourceSpec::Rbd(r) => format!("rbd:{}", r.name()),
+            SourceSpec::Qmp(q) => format!("qmp:{}?node={}", q.socket.display(), q.node),
         }
     }
 }
@@ -105,6 +115,13 @@ pub enum Tracker {
     Bitmap(BitmapTracker),
     /// RBD snapshot diffs.
     Rbd(RbdTracker),
+    /// A live QEMU guest's dirty bitmap, on its point-in-time export.
+    Live {
+        /// The exported bitmap.
+        bitmap: BitmapTracker,
+        /// The export, to tear down and to settle the bitmaps after the sync.
+        export: Arc<tokio::sync::Mutex<LiveExport>>,
+    },
 }
 
 impl Tracker {
@@ -113,6 +130,7 @@ impl Tracker {
         match self {
             Tracker::Bitmap(b) => b.next_token(),
             Tracker::Rbd(r) => r.next_token(),
+            Tracker::Live { bitmap, .. } => bitmap.next_token(),
         }
     }
 
@@ -121,14 +139,20 @@ impl Tracker {
         match self {
             Tracker::Bitmap(b) => b.describe(),
             Tracker::Rbd(r) => r.describe(),
+            Tracker::Live { bitmap, .. } => bitmap.describe(),
         }
     }
 
     /// After the point is committed (and the token installed): drops what the previous point
     /// needed (older RBD snapshots). Failures are only logged.
     pub async fn after_commit(&self) {
-        if let Tracker::Rbd(r) = self {
-            r.after_commit().await;
+        match self {
+            Tracker::Rbd(r) => r.after_commit().await,
+            Tracker::Live { bitmap, export } => {
+                bitmap.close().await;
+                export.lock().await.after_commit().await
+            }
+            Tracker::Bitmap(_) => {}
         }
     }
 
@@ -138,6 +162,7 @@ impl Tracker {
         match self {
             Tracker::Bitmap(b) => b.changes_since(token).await,
             Tracker::Rbd(t) => t.changes_since(token).await,
+            Tracker::Live { bitmap, .. } => bitmap.changes_since(token).await,
         }
     }
 }
@@ -167,8 +192,13 @@ pub struct OpenContext {
     pub sync: PointId,
     /// The disk.
     pub disk: DiskId,
-    /// A directory for the source's sockets (the host's state directory).
+    /// A directory for the source's sockets and fleecing images (the host's state directory).
     pub run_dir: PathBuf,
+    /// The latest point's change token for this disk, when the agent's block values describe
+    /// that point (a live export freezes the bitmap it names).
+    pub token: Option<String>,
+    /// Live exports opened for this sync: the engine settles their bitmaps if the sync fails.
+    pub live: Arc<std::sync::Mutex<Vec<Arc<tokio::sync::Mutex<LiveExport>>>>>,
 }
 
 /// Opens `spec` for the sync of `ctx`.
@@ -197,6 +227,43 @@ pub async fn open(
             Ok(OpenedDisk {
                 reader: DiskReader::Nbd(disk),
                 tracker: tracker.map(Tracker::Bitmap),
+            })
+        }
+        SourceSpec::Qmp(q) => {
+            let export = LiveExport::start(
+                q,
+                ctx.disk.as_str(),
+                ctx.sync.as_str(),
+                ctx.token.as_deref(),
+                &ctx.run_dir,
+            )
+            .await?;
+            let spec = NbdSpec {
+                uri: export.uri.clone(),
+                bitmap: export.bitmap().map(str::to_owned),
+                next_bitmap: Some(export.next_token().to_owned()),
+            };
+            let export = Arc::new(tokio::sync::Mutex::new(export));
+            ctx.live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(export.clone());
+            let (disk, tracker) = match crate::nbd::open(&spec, &opts.nbd).await {
+                Ok(x) => x,
+                Err(e) => {
+                    export.lock().await.after_failure().await;
+                    return Err(e);
+                }
+            };
+            let Some(bitmap) = tracker else {
+                return Err(SourceError::NbdSetup {
+                    uri: spec.uri,
+                    reason: "no change tracker for a live export (a bug)".into(),
+                });
+            };
+            Ok(OpenedDisk {
+                reader: DiskReader::Nbd(disk),
+                tracker: Some(Tracker::Live { bitmap, export }),
             })
         }
         SourceSpec::Rbd(r) => {

@@ -615,14 +615,26 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
     state.set_pending_sync(&sync)?;
 
     let span = info_span!("sync", host = %opts.host, sync = %sync);
-    async {
+    let live: Arc<std::sync::Mutex<Vec<_>>> = Arc::default();
+    let result = async {
         info!(target = %target.describe(), disks = opts.disks.len(), resumed, "sync started");
         let mut sources = Vec::new();
         for d in &opts.disks {
+            // The latest point's change token, when the local block values describe that point.
+            let token = match BlockStateReader::open(&state.blocks_path(&d.id)) {
+                Ok(Some(r))
+                    if Some(&r.header().point) == latest_before.as_ref() && r.header().disk == d.id =>
+                {
+                    r.header().change_token.clone()
+                }
+                _ => None,
+            };
             let ctx = OpenContext {
                 sync: sync.clone(),
                 disk: d.id.clone(),
                 run_dir: state.root().to_owned(),
+                token,
+                live: live.clone(),
             };
             let opened = crate::disk::open(&d.source, &opts.sources, &ctx)
                 .await
@@ -782,8 +794,17 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
             disks: summaries,
         })
     }
-    .instrument(span)
-    .await
+    .instrument(span.clone())
+    .await;
+    if result.is_err() {
+        // Live exports: tear down, and give the previous bitmap back every write since the
+        // last committed point.
+        let exports: Vec<_> = live.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        for e in exports {
+            e.lock().await.after_failure().instrument(span.clone()).await;
+        }
+    }
+    result
 }
 
 /// Installs the block values a committed sync left at their temporary path.

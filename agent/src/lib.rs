@@ -4,8 +4,8 @@
 //!
 //! - [`source`]: block devices and image files, read with `O_DIRECT`, holes skipped;
 //!   [`nbd`]: NBD exports (the agent as a sync proxy) with QEMU dirty bitmaps; [`rbd`]: Ceph RBD
-//!   images through snapshot diffs; [`disk`]: the sources behind one interface, and their
-//!   change trackers.
+//!   images through snapshot diffs; [`qmp`]: live QEMU guests (point-in-time exports through
+//!   QMP); [`disk`]: the sources behind one interface, and their change trackers.
 //! - [`plan`]: which extents of a chunk to send, from the baseline (what the volume held at the
 //!   last point), the landed extents (written since) and the current bytes.
 //! - [`blockstate`]: the per-disk block-values file kept between syncs; [`state`]: the rest of
@@ -25,6 +25,7 @@ pub mod engine;
 pub mod nbd;
 pub mod plan;
 pub mod progress;
+pub mod qmp;
 pub mod rbd;
 pub mod schedule;
 pub mod source;

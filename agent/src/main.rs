@@ -128,8 +128,10 @@ struct SyncArgs {
     target: TargetArgs,
     /// A disk to sync, ID=SOURCE; repeat for each disk. SOURCE is a block device or raw image
     /// file, an NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, and
-    /// nbds:// / nbds+unix:// for TLS), or a Ceph RBD image (rbd:POOL/IMAGE: a snapshot per sync,
-    /// incrementals from snapshot diffs).
+    /// nbds:// / nbds+unix:// for TLS), a Ceph RBD image (rbd:POOL/IMAGE: a snapshot per sync,
+    /// incrementals from snapshot diffs), or a disk of a running QEMU
+    /// (qmp:/PATH/TO/QMP.SOCK?node=NODE: a point-in-time export with dirty bitmaps; give the agent
+    /// its own QMP socket).
     #[arg(long = "disk", value_name = "ID=SOURCE", value_parser = parse_disk, required = true)]
     disks: Vec<DiskSpec>,
     /// For an NBD disk, ID=NAME: the QEMU dirty bitmap that lists what changed since the latest

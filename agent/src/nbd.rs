@@ -205,6 +205,14 @@ impl BitmapTracker {
         }
     }
 
+    /// Disconnects from the export (before the export is removed, so that its removal is not
+    /// reported as a lost connection).
+    pub async fn close(&self) {
+        if let Err(e) = self.client.clone().close().await {
+            debug!(uri = %self.uri, error = %tern_core::ErrorChain(&e), "NBD disconnect");
+        }
+    }
+
     /// The dirty ranges combined with the allocation map, when `token` names this bitmap.
     pub async fn changes_since(&self, token: &str) -> Result<Option<ChangeMap>, SourceError> {
         let Some(bitmap) = self.bitmap.as_deref() else {

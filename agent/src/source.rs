@@ -50,6 +50,8 @@ pub enum SourceError {
     NbdSetup { uri: String, reason: String },
     #[error("RBD image {image}: {reason}")]
     Rbd { image: String, reason: String },
+    #[error("QEMU at {socket}: {reason}")]
+    Qmp { socket: PathBuf, reason: String },
 }
 
 /// An open source disk.
