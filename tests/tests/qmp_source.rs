@@ -250,7 +250,7 @@ fn live_qemu_guest_through_qmp() -> Result<()> {
     assert_eq!(vm.bitmaps()?, vec![(format!("tern-{p3}"), true)]);
 
     // Point in time: the guest keeps writing while the sync reads. A region written after the
-    // sync froze the disk (the fleecing node exists) but before the agent read it (one chunk in
+    // sync froze the disk (its backup job exists) but before the agent read it (one chunk in
     // flight, sends throttled) must be in the point with its old content.
     vm.write(&["write -P 0x88 0 4M".into(), "write -P 0x89 12M 4M".into()])?;
     run_ok(
@@ -270,8 +270,10 @@ fn live_qemu_guest_through_qmp() -> Result<()> {
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let nodes = vm.qmp(&[("query-named-block-nodes", json!({ "flat": true }))])?;
-        if nodes[0].to_string().contains("tern-fleece-vda") {
+        // The backup job exists only once the transaction froze the disk (the fleecing node is
+        // added before it).
+        let jobs = vm.qmp(&[("query-block-jobs", json!({}))])?;
+        if jobs[0].to_string().contains("tern-backup-vda") {
             break;
         }
         assert!(Instant::now() < deadline, "the sync never froze the disk");
