@@ -39,7 +39,7 @@ pub const SNAP_PREFIX: &str = "tern-";
 /// An RBD image as given on the command line (`rbd:POOL/IMAGE`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RbdSpec {
-    /// Pool (optionally `POOL/NAMESPACE`... not supported: one level).
+    /// Pool (RBD namespaces are not supported).
     pub pool: String,
     /// Image name.
     pub image: String,

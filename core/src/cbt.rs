@@ -28,7 +28,6 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::changes::{Change, ChangeError, ChangeKind, ChangeMap};
-use crate::ids::PointId;
 
 /// The longest change id accepted (VMware's are about 55 characters); it also fits the agent's
 /// change-token slot of 255 bytes in the block-values file.
@@ -235,19 +234,6 @@ impl fmt::Debug for ChangeId {
 pub enum FullSyncReason {
     /// The target holds no point of this disk yet (first sync).
     NoBaseline,
-    /// No change id is recorded for this disk (new disk, lost state directory, CBT just enabled).
-    NotRecorded {
-        /// The point the target holds.
-        baseline_point: PointId,
-    },
-    /// The change id on record belongs to another point than the one the target holds (the
-    /// commit of that point was not seen by this agent, or another agent synced the host).
-    OtherPoint {
-        /// The point the change id on record belongs to.
-        recorded_point: PointId,
-        /// The point the target holds.
-        baseline_point: PointId,
-    },
     /// The change id on record is `"*"`, which names no moment in time.
     BaselineUntracked,
     /// The new snapshot's disk reports `"*"` (or no change id): CBT is not active on it.
@@ -276,8 +262,6 @@ impl FullSyncReason {
     pub fn code(&self) -> &'static str {
         match self {
             Self::NoBaseline => "no_baseline",
-            Self::NotRecorded { .. } => "not_recorded",
-            Self::OtherPoint { .. } => "other_point",
             Self::BaselineUntracked => "baseline_untracked",
             Self::NewUntracked => "new_untracked",
             Self::Reset { .. } => "reset",
@@ -290,17 +274,6 @@ impl fmt::Display for FullSyncReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NoBaseline => f.write_str("the target holds no point of this disk yet"),
-            Self::NotRecorded { baseline_point } => write!(
-                f,
-                "no CBT change id is recorded for this disk (target holds point {baseline_point})"
-            ),
-            Self::OtherPoint {
-                recorded_point,
-                baseline_point,
-            } => write!(
-                f,
-                "the recorded CBT change id belongs to point {recorded_point}, the target holds point {baseline_point}"
-            ),
             Self::BaselineUntracked => f.write_str("the recorded CBT change id is \"*\""),
             Self::NewUntracked => {
                 f.write_str("CBT is not active on the snapshot's disk (change id \"*\" or none)")

@@ -186,18 +186,22 @@ fn live_qemu_guest_through_qmp() -> Result<()> {
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     };
-    // The point equals the disk (flushed by `write`; read while QEMU runs with -U).
-    let check = |s: &Value| -> Result<String> {
+    // The disk's bytes now (flushed by `write`; read while QEMU runs, with -U).
+    let disk_sha = || -> Result<String> {
         run_ok(
             Command::new("qemu-img")
                 .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
                 .arg(&img)
                 .arg(&raw),
         )?;
+        sha256_file(&raw)
+    };
+    // The point equals the disk.
+    let check = |s: &Value| -> Result<String> {
         let point = s["point_id"].as_str().unwrap_or_default().to_owned();
         assert_eq!(
             sha256_file(&gw.snapshot_path(HOST, "vda", &point))?,
-            sha256_file(&raw)?,
+            disk_sha()?,
             "point {point} differs from the disk: {s}"
         );
         Ok(point)
@@ -253,13 +257,7 @@ fn live_qemu_guest_through_qmp() -> Result<()> {
     // sync froze the disk (its backup job exists) but before the agent read it (one chunk in
     // flight, sends throttled) must be in the point with its old content.
     vm.write(&["write -P 0x88 0 4M".into(), "write -P 0x89 12M 4M".into()])?;
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
-            .arg(&img)
-            .arg(&raw),
-    )?;
-    let frozen = sha256_file(&raw)?;
+    let frozen = disk_sha()?;
     let mut cmd = agent_sync_cmd(&bins, &gw, &key, HOST, &state);
     let child = cmd
         .arg("--disk")
