@@ -2,9 +2,10 @@
 //!
 //! - [`restore`]: a recovery point's disks from object storage to block devices or files.
 //! - [`describe`]: a human summary of a manifest.
-//!
-//! Guest repair (Boot-in-Cloud driver adaptation) is added by its own issue.
+//! - [`repair`]: Boot-in-Cloud driver adaptation of a guest's disks (virtio, UEFI → BIOS, DHCP,
+//!   hypervisor tools off).
 
+pub mod repair;
 pub mod restore;
 
 use std::fmt::Write as _;

@@ -29,6 +29,38 @@ enum Command {
     },
     /// Restores a recovery point's disks from object storage to block devices or files.
     Restore(Box<RestoreArgs>),
+    /// Repairs a guest's disks so it boots on KVM: virtio drivers in the initramfs, stable
+    /// device names, BIOS boot next to UEFI, DHCP, hypervisor tools off. Prints a JSON report.
+    ///
+    /// It mounts the guest's file systems and runs the guest's tools: run it only on a
+    /// disposable helper host (one with /etc/tern/disposable-helper, or pass --disposable-host).
+    Repair(RepairArgs),
+}
+
+#[derive(Args, Debug)]
+struct RepairArgs {
+    /// The guest's disks (block devices or raw image files), in the guest's disk order.
+    #[arg(required = true)]
+    disks: Vec<PathBuf>,
+    /// Declare this host disposable (instead of the marker file /etc/tern/disposable-helper).
+    #[arg(long)]
+    disposable_host: bool,
+    /// Keep static IP addresses instead of switching to DHCP.
+    #[arg(long)]
+    keep_static_ip: bool,
+    /// NAME=MAC: with --keep-static-ip, give the NIC with this MAC address the old name NAME
+    /// (udev rule); repeat per NIC.
+    #[arg(long = "pin-nic", value_name = "NAME=MAC", requires = "keep_static_ip")]
+    pin_nic: Vec<String>,
+    /// The root file system's device, when the disks hold several.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// The helper's GRUB i386-pc modules (used when the guest has none of its own).
+    #[arg(long, default_value = "/usr/lib/grub/i386-pc")]
+    grub_pc_dir: PathBuf,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -104,6 +136,7 @@ fn main() -> ExitCode {
             .build()
             .context("failed to start the async runtime")
             .and_then(|rt| rt.block_on(restore(*args))),
+        Command::Repair(args) => repair(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,6 +145,46 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn repair(args: RepairArgs) -> anyhow::Result<()> {
+    use tern_recovery_helper::repair::{self, NetworkMode, RepairOptions};
+    let network = if args.keep_static_ip {
+        let mut pins = Vec::new();
+        for p in &args.pin_nic {
+            let (name, mac) = p
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--pin-nic {p:?} is not NAME=MAC"))?;
+            let valid_mac = mac.split(':').count() == 6
+                && mac
+                    .split(':')
+                    .all(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()));
+            let valid_name = !name.is_empty()
+                && name.len() < 16
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+            if !valid_mac || !valid_name {
+                return Err(anyhow!("--pin-nic {p:?}: expected NAME=aa:bb:cc:dd:ee:ff"));
+            }
+            pins.push((name.to_owned(), mac.to_owned()));
+        }
+        NetworkMode::KeepStatic { pins }
+    } else {
+        NetworkMode::Dhcp
+    };
+    let mut opts = RepairOptions::new(args.disks);
+    opts.disposable_host = args.disposable_host;
+    opts.network = network;
+    opts.root = args.root;
+    opts.grub_pc_dir = args.grub_pc_dir;
+    let report = repair::repair(&opts)?;
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.report {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{json}");
+    Ok(())
 }
 
 async fn restore(args: RestoreArgs) -> anyhow::Result<()> {

@@ -14,6 +14,7 @@ pub mod faultproxy;
 pub mod fixture;
 pub mod qemu;
 pub mod s3server;
+pub mod vm;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
