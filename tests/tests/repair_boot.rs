@@ -218,6 +218,69 @@ fn debian12_dracut_xfs_boots_on_kvm_after_repair() -> Result<()> {
     )
 }
 
+/// A damaged root file system is refused before anything is written, and so is a disk with no
+/// Linux on it: both images stay byte-identical.
+#[test]
+fn refuses_damaged_or_unknown_disks_and_changes_nothing() -> Result<()> {
+    let test = "refuses_damaged_or_unknown_disks_and_changes_nothing";
+    let Some(helper) = setup(test, "debian12-vmware") else {
+        return Ok(());
+    };
+    let fixture = vm::fixture_image("debian12-vmware")?;
+    let dir = tempfile::Builder::new()
+        .prefix("tern-refuse-")
+        .tempdir_in("/var/tmp")?;
+
+    // A corrupt extent header in the root file system (what e2fsck's preen mode cannot fix).
+    let bad = dir.path().join("bad.raw");
+    vm::sparse_copy(&fixture, &bad)?;
+    let out = run_ok(Command::new("losetup").args(["--find", "--show"]).arg(&bad))?;
+    let lo = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let corrupt = run_ok(Command::new("partx").args(["-a", &lo])).and_then(|_| {
+        run_ok(Command::new("debugfs").args([
+            "-w",
+            "-R",
+            "set_inode_field /etc/hostname block[0] 0",
+            &format!("{lo}p2"),
+        ]))
+    });
+    let _ = Command::new("partx").args(["-d", &lo]).status();
+    let _ = Command::new("losetup").args(["-d", &lo]).status();
+    corrupt?;
+    let unknown = dir.path().join("unknown.raw");
+    std::fs::File::create(&unknown)?.set_len(64 << 20)?;
+    tern_tests::write_at(&unknown, 1 << 20, b"not a file system")?;
+
+    for (img, expect) in [
+        (&bad, "e2fsck -f -n found errors"),
+        (&unknown, "no Linux root file system"),
+    ] {
+        let before = tern_tests::sha256_file(img)?;
+        let out = Command::new(&helper)
+            .args(["repair", "--disposable-host"])
+            .arg(img)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{}: the repair did not refuse: {err}",
+            img.display()
+        );
+        assert!(
+            err.contains(expect),
+            "{}: expected {expect:?} in: {err}",
+            img.display()
+        );
+        assert_eq!(
+            tern_tests::sha256_file(img)?,
+            before,
+            "{}: a refused repair changed the disk",
+            img.display()
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn refuses_without_a_disposable_host() -> Result<()> {
     let Some(bins) = tern_tests::e2e("refuses_without_a_disposable_host") else {

@@ -1,10 +1,11 @@
 //! File system checks before and after a repair.
 //!
-//! Before: each file system is checked the way its boot would check it (ext: `e2fsck -p`, which
-//! replays the journal of a crash-consistent copy and fixes only what is safe; XFS: a log replay
-//! by mount then `xfs_repair -n`; btrfs: `btrfs check --readonly`; FAT: `fsck.fat -n`, then `-a`
-//! for the dirty bit). Anything left broken, or a file system of unknown type where one is
-//! needed, is refused: the repair does not write into a damaged file system.
+//! Before: each file system gets a full read-only check (`e2fsck -f -n`, `xfs_repair -n`,
+//! `btrfs check --readonly`, `fsck.fat -n`). The only writes allowed first are what a boot of a
+//! crash-consistent copy does anyway: replaying an ext journal (`e2fsck -E journal_only`) or an
+//! XFS log (one mount), clearing a FAT dirty bit. Anything else broken, or a file system of
+//! unknown type where one is needed, is refused before anything is written: the repair does not
+//! write into a damaged file system.
 //!
 //! After: a read-only forced check (`e2fsck -f -n`, `xfs_repair -n`, …) must pass.
 
@@ -54,14 +55,37 @@ pub fn before(v: &Volume, scratch: &Path) -> Result<Before, Error> {
     match v.probe.fstype.as_deref() {
         Some("ext2" | "ext3" | "ext4") => {
             need("e2fsck", v)?;
-            let out = sys::run_status("e2fsck", [OsStr::new("-p"), dev])?;
-            match out.status.code() {
-                Some(0) => Ok(Before::Clean),
-                Some(1 | 2) => Ok(Before::Fixed(format!(
-                    "e2fsck -p fixed it: {}",
-                    sys::tail(&out.stdout).replace('\n', "; ")
-                ))),
-                _ => Err(refuse(v, "e2fsck -p could not fix it", &out)),
+            let check = || sys::run_status("e2fsck", [OsStr::new("-f"), OsStr::new("-n"), dev]);
+            let out = check()?;
+            if out.status.success() {
+                return Ok(Before::Clean);
+            }
+            // A crash-consistent copy has a journal to replay: replay only that (what a boot
+            // does), then the read-only check must pass.
+            if !needs_recovery(dev)? {
+                return Err(refuse(v, "e2fsck -f -n found errors", &out));
+            }
+            let replay = sys::run_status(
+                "e2fsck",
+                [
+                    OsStr::new("-p"),
+                    OsStr::new("-E"),
+                    OsStr::new("journal_only"),
+                    dev,
+                ],
+            )?;
+            if !matches!(replay.status.code(), Some(0..=2)) {
+                return Err(refuse(v, "replaying its journal failed", &replay));
+            }
+            let again = check()?;
+            if again.status.success() {
+                Ok(Before::Fixed("replayed the ext journal".to_owned()))
+            } else {
+                Err(refuse(
+                    v,
+                    "e2fsck -f -n found errors after the journal replay",
+                    &again,
+                ))
             }
         }
         Some("xfs") => {
@@ -104,19 +128,63 @@ pub fn before(v: &Volume, scratch: &Path) -> Result<Before, Error> {
             if out.status.success() {
                 return Ok(Before::Clean);
             }
-            let fix = sys::run_status("fsck.fat", [OsStr::new("-a"), OsStr::new("-w"), dev])?;
+            // The dirty bit of an ESP that was mounted when the copy was taken is cleared (what
+            // a boot does); anything else is refused.
+            if !only_fat_dirty_bit(&String::from_utf8_lossy(
+                &[out.stdout.as_slice(), out.stderr.as_slice()].concat(),
+            )) {
+                return Err(refuse(v, "fsck.fat -n found errors", &out));
+            }
+            let fix = sys::run_status("fsck.fat", [OsStr::new("-a"), dev])?;
             let again = sys::run_status("fsck.fat", [OsStr::new("-n"), dev])?;
-            if again.status.success() {
-                Ok(Before::Fixed(format!(
-                    "fsck.fat -a fixed it: {}",
-                    sys::tail(&fix.stdout).replace('\n', "; ")
-                )))
+            if fix.status.code().is_some_and(|c| c <= 1) && again.status.success() {
+                Ok(Before::Fixed("cleared the FAT dirty bit".to_owned()))
             } else {
-                Err(refuse(v, "fsck.fat -a could not fix it", &again))
+                Err(refuse(
+                    v,
+                    "fsck.fat -n still finds errors after clearing the dirty bit",
+                    &again,
+                ))
             }
         }
         _ => Ok(Before::NotChecked),
     }
+}
+
+/// Whether an ext file system has a journal to replay (`needs_recovery`).
+fn needs_recovery(dev: &OsStr) -> Result<bool, Error> {
+    let out = sys::run_status("dumpe2fs", [OsStr::new("-h"), dev])?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+        l.starts_with("Filesystem features:") && l.split_whitespace().any(|f| f == "needs_recovery")
+    }))
+}
+
+/// Whether `fsck.fat -n` complained only about the dirty bit (and the harmless difference it
+/// makes between the boot sector and its backup).
+pub fn only_fat_dirty_bit(output: &str) -> bool {
+    let mut dirty = false;
+    for line in output.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let benign = line.starts_with("fsck.fat ")
+            || line.starts_with("There are differences between boot sector and its backup")
+            || line.starts_with("This is mostly harmless")
+            || line.starts_with("Differences: (offset:original/backup)")
+            || line
+                .split(':')
+                .all(|p| p.split('/').all(|x| x.chars().all(|c| c.is_ascii_hexdigit())))
+            || line.starts_with("Not automatically fixing this")
+            || line.starts_with("Leaving filesystem unchanged")
+            || line.contains(" files, ") && line.contains(" clusters")
+            || line.starts_with("Automatically removing dirty bit")
+            || line.starts_with("1) Remove dirty bit")
+            || line.starts_with("2) No action")
+            || line.starts_with("Fs was not properly unmounted");
+        if line.starts_with("Dirty bit is set") {
+            dirty = true;
+        } else if !benign {
+            return false;
+        }
+    }
+    dirty
 }
 
 /// Checks a volume after the repair (read-only, forced); anything but clean is an error.
@@ -141,5 +209,21 @@ pub fn after(v: &Volume) -> Result<bool, Error> {
             out.status.code().map_or("signal".to_owned(), |c| c.to_string()),
             sys::tail(&[out.stdout.as_slice(), out.stderr.as_slice()].concat())
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fat_dirty_bit_only() {
+        let dirty = "fsck.fat 4.2 (2021-01-31)\nThere are differences between boot sector and its backup.\nThis is mostly harmless. Differences: (offset:original/backup)\n  65:01/00\n  Not automatically fixing this.\nDirty bit is set. Fs was not properly unmounted and some data may be corrupt.\n Automatically removing dirty bit.\nLeaving filesystem unchanged.\n/dev/loop0p1: 12 files, 23875/516188 clusters\n";
+        assert!(only_fat_dirty_bit(dirty));
+        let broken = "fsck.fat 4.2 (2021-01-31)\nDirty bit is set.\n/EFI/debian/grubx64.efi\n  File size is 4096 bytes, cluster chain length is 0 bytes.\n  Truncating file to 0 bytes.\n";
+        assert!(!only_fat_dirty_bit(broken));
+        assert!(!only_fat_dirty_bit(
+            "fsck.fat 4.2\n/dev/x: 1 files, 1/2 clusters\n"
+        ));
     }
 }
