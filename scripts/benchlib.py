@@ -113,7 +113,7 @@ class Gateway:
             os.path.join(BIN, "tern-agent"), "sync", "--host", host, "--target", f"https://{self.endpoint['data']}",
             "--fingerprint", self.endpoint["fingerprint"], "--access-key-id", key["access_key_id"],
             "--state-dir", os.path.join(work, "agent"), "--no-progress",
-        ]
+        ] + os.environ.get("TERN_BENCH_AGENT_ARGS", "").split()
 
     def cpu(self):
         return cpu_of(self.proc.pid)

@@ -9,7 +9,7 @@
 //! 4. `GET state` again; per disk choose the baseline (what the volume holds): the local block
 //!    values if they describe the latest point, else that point's manifest (chunk level), else
 //!    zeros when the host has no point. Then `GET landed/{disk}`.
-//! 5. Per disk, a pipeline with at most `window` chunks in memory: read (O_DIRECT, holes
+//! 5. All disks at once, each a pipeline with at most `window` chunks in memory: read (O_DIRECT, holes
 //!    skipped) and hash on the blocking pool, plan ([`crate::plan`]) in order, send the planned
 //!    extents concurrently; the new block values stream to a temporary state file.
 //! 6. Build the manifest, `commit` (retried on transient errors: commit is idempotent), and only
@@ -665,10 +665,10 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
         let mut latest_manifest: Option<Manifest> = None;
         let bandwidth = opts.bwlimit.map(|b| Arc::new(Bandwidth::new(b)));
 
-        let mut disks = Vec::new();
-        let mut summaries = Vec::new();
-        let mut new_states = Vec::new();
-        let mut trackers = Vec::new();
+        // Plan every disk (baselines, landed extents, tracked changes), then scan and send all
+        // of them at once: a host's disks are independent until the commit, and one disk's
+        // reads overlap another's hashing and sending.
+        let mut prepared = Vec::new();
         for (spec, source, geometry) in sources {
             let baseline = choose_baseline(
                 target.as_ref(),
@@ -710,20 +710,32 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
                 ),
                 damaged_warned: AtomicBool::new(false),
             });
-            let baseline_name = work.baseline.name();
-            let tmp = state.new_blocks_path(&spec.id);
             let token = tracker.as_ref().map(|t| t.next_token().to_owned());
-            let out = sync_disk(
-                target,
-                &sync,
-                work,
-                tmp,
-                token,
-                opts.window.max(1),
-                bandwidth.clone(),
-            )
-            .instrument(info_span!("disk", disk = %spec.id))
+            prepared.push((spec, geometry, work, tracker, changes_name, landed_count, token));
+        }
+        let outcomes =
+            futures::future::try_join_all(prepared.iter().map(|(spec, _, work, _, _, _, token)| {
+                sync_disk(
+                    target,
+                    &sync,
+                    work.clone(),
+                    state.new_blocks_path(&spec.id),
+                    token.clone(),
+                    opts.window.max(1),
+                    bandwidth.clone(),
+                )
+                .instrument(info_span!("disk", disk = %spec.id))
+            }))
             .await?;
+
+        let mut disks = Vec::new();
+        let mut summaries = Vec::new();
+        let mut new_states = Vec::new();
+        let mut trackers = Vec::new();
+        for ((spec, geometry, work, tracker, changes_name, landed_count, _), out) in
+            prepared.into_iter().zip(outcomes)
+        {
+            let baseline_name = work.baseline.name();
             trackers.extend(tracker);
             info!(
                 disk = %spec.id,

@@ -173,8 +173,9 @@ struct SyncArgs {
     /// Compare block size: a power of two from 4K to the chunk size.
     #[arg(long, default_value = "64K", value_parser = parse_block_size)]
     block_size: u32,
-    /// Chunks in flight per disk (read, hashed or being sent): bounds memory to WINDOW chunks.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// Chunks in flight per disk (read, hashed or being sent): bounds memory to WINDOW chunks
+    /// per disk (a host's disks are synced at once).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
     window: u32,
     /// Bandwidth limit in bytes per second (K, M, G suffixes), at least 1K.
     #[arg(long, value_parser = parse_bwlimit)]
@@ -778,7 +779,7 @@ mod tests {
         assert_eq!(a.chunk_size, 1 << 20);
         assert_eq!(a.block_size, 16 << 10);
         assert_eq!(a.bwlimit, Some(100 << 20));
-        assert_eq!(a.window, 8);
+        assert_eq!(a.window, 16);
         assert!(matches!(a.target.target, TargetSpec::Dir(_)));
     }
 
