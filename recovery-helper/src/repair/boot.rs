@@ -515,34 +515,7 @@ mod tests {
     fn partition_table_edits_on_an_image() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("d.img");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&img)
-            .unwrap();
-        f.set_len(64 << 20).unwrap();
-        let mut g = gptman::GPT::new_from(&mut f, 512, [9; 16]).unwrap();
-        g[1] = gptman::GPTPartitionEntry {
-            partition_type_guid: guid_bytes(ESP_GUID).unwrap(),
-            unique_partition_guid: [1; 16],
-            starting_lba: 2048,
-            ending_lba: 10239,
-            attribute_bits: 0,
-            partition_name: "EFI".into(),
-        };
-        g[2] = gptman::GPTPartitionEntry {
-            partition_type_guid: guid_bytes(LINUX).unwrap(),
-            unique_partition_guid: [2; 16],
-            starting_lba: 10240,
-            ending_lba: 100_000,
-            attribute_bits: 0,
-            partition_name: "root".into(),
-        };
-        g.write_into(&mut f).unwrap();
-        gptman::GPT::write_protective_mbr_into(&mut f, 512).unwrap();
-        drop(f);
+        disks::gpt_test_image(&img, &[(ESP_GUID, 2048, 10239), (LINUX, 10240, 100_000)]);
         let layout = disks::read_layout(&img).unwrap();
         let BiosPlan::AddBiosBootPartition { entry, start, end } = plan(&layout, Some(3)) else {
             panic!()

@@ -264,6 +264,34 @@ impl Volume {
     }
 }
 
+/// Writes a 64 MiB image file with a protective MBR and a GPT holding `parts` (type GUID,
+/// first and last sector), numbered from 1.
+#[cfg(test)]
+pub(crate) fn gpt_test_image(path: &Path, parts: &[(&str, u64, u64)]) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    f.set_len(64 << 20).unwrap();
+    let mut gpt = gptman::GPT::new_from(&mut f, 512, [7; 16]).unwrap();
+    for (i, (guid, start, end)) in parts.iter().enumerate() {
+        let n = u32::try_from(i).unwrap() + 1;
+        gpt[n] = gptman::GPTPartitionEntry {
+            partition_type_guid: guid_bytes(guid).unwrap(),
+            unique_partition_guid: [u8::try_from(n).unwrap(); 16],
+            starting_lba: *start,
+            ending_lba: *end,
+            attribute_bits: 0,
+            partition_name: format!("part{n}").as_str().into(),
+        };
+    }
+    gpt.write_into(&mut f).unwrap();
+    gptman::GPT::write_protective_mbr_into(&mut f, 512).unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,28 +317,11 @@ mod tests {
     #[test]
     fn layouts_of_images() {
         let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.img");
+        std::fs::File::create(&empty).unwrap().set_len(64 << 20).unwrap();
+        assert_eq!(read_layout(&empty).unwrap().table, TableKind::None);
         let img = dir.path().join("d.img");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&img)
-            .unwrap();
-        f.set_len(64 << 20).unwrap();
-        assert_eq!(read_layout(&img).unwrap().table, TableKind::None);
-        let mut gpt = gptman::GPT::new_from(&mut f, 512, [7; 16]).unwrap();
-        gpt[1] = gptman::GPTPartitionEntry {
-            partition_type_guid: guid_bytes(ESP_GUID).unwrap(),
-            unique_partition_guid: [1; 16],
-            starting_lba: 2048,
-            ending_lba: 4095,
-            attribute_bits: 0,
-            partition_name: "EFI".into(),
-        };
-        gpt.write_into(&mut f).unwrap();
-        gptman::GPT::write_protective_mbr_into(&mut f, 512).unwrap();
-        drop(f);
+        gpt_test_image(&img, &[(ESP_GUID, 2048, 4095)]);
         let l = read_layout(&img).unwrap();
         assert_eq!(l.table, TableKind::Gpt);
         assert_eq!(l.partitions.len(), 1);

@@ -243,7 +243,7 @@ impl GuestFs {
                 .write(true)
                 .create_new(true)
                 .mode(mode)
-                .custom_flags(libc_o_nofollow())
+                .custom_flags(OFlags::NOFOLLOW.bits() as i32)
                 .open(&tmp)
                 .map_err(io_err(format!("writing {path} in the guest")))?;
             f.write_all(content)
@@ -319,10 +319,6 @@ impl GuestFs {
         std::os::unix::fs::symlink(target, &full).map_err(io_err(format!("linking {path} in the guest")))?;
         Ok(true)
     }
-}
-
-fn libc_o_nofollow() -> i32 {
-    OFlags::NOFOLLOW.bits() as i32
 }
 
 #[cfg(test)]
