@@ -8,6 +8,8 @@
 //! - [`control`]: REST API, `/healthz`, `/metrics`.
 //! - [`secrets`], [`tls`]: access keys, admin credential, certificate.
 //! - [`plan`]: how many gateways a fleet needs.
+//! - [`provision`]: keys and admin credential put into a stopped gateway's data directory
+//!   (the appliance's first boot).
 //! - [`server`]: start-up and the TLS listeners.
 
 pub mod blockstore;
@@ -19,6 +21,7 @@ pub mod metrics;
 pub mod objects;
 pub mod plan;
 pub mod provider;
+pub mod provision;
 pub mod s3;
 pub mod secrets;
 pub mod server;

@@ -6,8 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use tern_core::HostId;
 use tern_gateway::config::{Config, ConfigFile};
 use tern_gateway::plan::{FleetHost, plan};
+use tern_gateway::provision::{KeyImport, KeysDoc, Provisioner};
 use tern_gateway::server::{Endpoint, admin_token_path, endpoint_path, run};
 
 #[derive(Parser, Debug)]
@@ -60,6 +62,20 @@ enum Command {
         #[arg(long, global = true, default_value = "/var/lib/tern-gateway")]
         data_dir: PathBuf,
     },
+    /// Provision a stopped gateway's data directory from a keys document (JSON: version, an
+    /// optional admin_token, data-plane keys with their secrets and hosts; the appliance's first
+    /// boot). Prints the imported key ids, never a secret.
+    Provision {
+        /// The keys document (`tern/keys.json` on the appliance's config drive).
+        #[arg(long)]
+        keys: PathBuf,
+        /// The gateway's data directory.
+        #[arg(long, default_value = "/var/lib/tern-gateway")]
+        data_dir: PathBuf,
+        /// Where to write the document's `gateway_toml`, if it has one (mode 0600).
+        #[arg(long, default_value = "/etc/tern/gateway.toml")]
+        config_out: PathBuf,
+    },
     /// How many gateways a fleet needs and which disks go to which.
     Plan {
         /// A host and its disk count, e.g. `web01=2` (repeat).
@@ -104,6 +120,16 @@ enum KeyCommand {
         /// Host the key may sync (repeat).
         #[arg(long = "host", required = true)]
         hosts: Vec<String>,
+    },
+    /// Import a key with a given id and secret (read from stdin, one line) into a stopped
+    /// gateway's data directory.
+    Import {
+        /// Access key id (3-128 of A-Z, a-z, 0-9).
+        #[arg(long)]
+        access_key_id: String,
+        /// Host the key may sync (repeat).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<HostId>,
     },
     /// List keys (no secrets).
     List,
@@ -181,6 +207,43 @@ impl ControlClient {
     }
 }
 
+/// `key import`: the secret is one line on stdin (never an argument: it would show in `ps`).
+fn import_key(data_dir: &Path, access_key_id: String, hosts: Vec<HostId>) -> anyhow::Result<()> {
+    let mut secret = String::new();
+    std::io::stdin()
+        .read_line(&mut secret)
+        .context("reading the secret access key from stdin")?;
+    let key = KeyImport {
+        access_key_id,
+        secret_access_key: secret.trim_end_matches(['\r', '\n']).to_owned(),
+        hosts,
+    };
+    let how = Provisioner::open(data_dir)?.import_key(&key, now_unix_ms())?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "access_key_id": key.access_key_id,
+            "hosts": key.hosts,
+            "imported": format!("{how:?}").to_lowercase(),
+        })
+    );
+    Ok(())
+}
+
+/// Writes a configuration file atomically (mode 0600: the gateway runs as root).
+fn write_config(path: &Path, text: &str) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    tern_gateway::fsutil::write_secret_atomic(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn parse_fleet(hosts: &[String]) -> anyhow::Result<Vec<FleetHost>> {
     hosts
         .iter()
@@ -231,23 +294,46 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             })
             .await
         }
+        Command::Provision {
+            keys,
+            data_dir,
+            config_out,
+        } => {
+            let doc = KeysDoc::load(&keys)?;
+            if let Some(text) = &doc.gateway_toml {
+                write_config(&config_out, text)?;
+            }
+            let done = Provisioner::open(&data_dir)?.apply(&doc, now_unix_ms())?;
+            let keys: Vec<serde_json::Value> = done
+                .iter()
+                .map(|(id, how)| serde_json::json!({ "access_key_id": id, "imported": format!("{how:?}").to_lowercase() }))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "config_written": doc.gateway_toml.is_some(),
+                    "admin_token_set": doc.admin_token.is_some(),
+                    "keys": keys,
+                })
+            );
+            Ok(())
+        }
         Command::Key { command, data_dir } => {
-            let c = ControlClient::from_data_dir(&data_dir)?;
-            let out = match command {
-                KeyCommand::Create { hosts } => {
-                    c.call(
-                        reqwest::Method::POST,
-                        "/api/v1/keys",
-                        Some(serde_json::json!({ "hosts": hosts })),
-                    )
-                    .await?
+            let (method, path, body) = match command {
+                KeyCommand::Import { access_key_id, hosts } => {
+                    return import_key(&data_dir, access_key_id, hosts);
                 }
-                KeyCommand::List => c.call(reqwest::Method::GET, "/api/v1/keys", None).await?,
-                KeyCommand::Revoke { id } => {
-                    c.call(reqwest::Method::DELETE, &format!("/api/v1/keys/{id}"), None)
-                        .await?
-                }
+                KeyCommand::Create { hosts } => (
+                    reqwest::Method::POST,
+                    "/api/v1/keys".to_owned(),
+                    Some(serde_json::json!({ "hosts": hosts })),
+                ),
+                KeyCommand::List => (reqwest::Method::GET, "/api/v1/keys".to_owned(), None),
+                KeyCommand::Revoke { id } => (reqwest::Method::DELETE, format!("/api/v1/keys/{id}"), None),
             };
+            let out = ControlClient::from_data_dir(&data_dir)?
+                .call(method, &path, body)
+                .await?;
             if !out.is_empty() {
                 println!("{out}");
             }

@@ -62,7 +62,7 @@ pub async fn run(
     let master =
         Arc::new(MasterKey::load_or_create(&dir.join("master.key")).context("loading the master key")?);
     let db = MetaDb::open(&dir.join("meta.redb")).context("opening the metadata DB")?;
-    let admin_hash = match db.meta("admin_token_sha256")? {
+    let admin_hash = match db.meta(crate::provision::ADMIN_TOKEN_META)? {
         Some(h) if h.len() == 32 => {
             let mut a = [0u8; 32];
             a.copy_from_slice(&h);
@@ -74,7 +74,7 @@ pub async fn run(
             write_secret_atomic(&path, format!("{token}\n").as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
             let h = token_hash(&token);
-            db.set_meta("admin_token_sha256", &h)?;
+            db.set_meta(crate::provision::ADMIN_TOKEN_META, &h)?;
             info!(path = %path.display(), "admin credential created (shown only in that file)");
             h
         }
