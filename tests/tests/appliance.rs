@@ -5,6 +5,8 @@
 //! admin token); once the console shows the `TERN-GATEWAY` line, the agent on this host syncs a
 //! sample disk twice through QEMU's forwarded ports, pinning the fingerprint printed there.
 //!
+//! A second boot, with OVMF (UEFI) and no config drive, shows the image's defaults.
+//!
 //! Needs `TERN_E2E=1`, root (the image build uses loop devices and chroot), qemu-system-x86_64,
 //! qemu-img, mkfs.vfat and mtools. The first build takes minutes (debootstrap, the musl build of
 //! tern-gateway); the boot about a minute under TCG.
@@ -24,6 +26,34 @@ const KEY_ID: &str = "TKAPPLIANCETEST01";
 /// console proves that the config drive's gateway.toml was applied.
 const GUEST_CONTROL_PORT: u16 = 9443;
 const GUEST_DATA_PORT: u16 = 8443;
+
+/// The two tests boot one VM at a time (TCG on a small machine).
+static ONE_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Why the appliance tests can't run here (printed as "skipped TEST: WHY"), or `None`.
+fn unavailable() -> Option<String> {
+    if !is_root() {
+        return Some("building the appliance needs root (loop devices, chroot)".into());
+    }
+    if let Some(t) = qemu::missing(&["qemu-system-x86_64", "qemu-img", "mcopy", "mmd"]) {
+        return Some(format!("{t} is missing (scripts/install-deps installs it)"));
+    }
+    if !Path::new("/usr/sbin/mkfs.vfat").exists() && !qemu::have("mkfs.vfat") {
+        return Some("mkfs.vfat is missing (scripts/install-deps installs dosfstools)".into());
+    }
+    None
+}
+
+/// A qcow2 overlay on the cached raw image: the cache is never booted.
+fn overlay(raw: &Path, path: &Path) -> Result<()> {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(raw)
+            .arg(path),
+    )?;
+    Ok(())
+}
 
 fn build_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/gateway/build")
@@ -157,18 +187,11 @@ fn appliance_boots_from_its_config_drive_and_takes_two_syncs() -> Result<()> {
     let Some(bins) = e2e(test) else {
         return Ok(());
     };
-    if !is_root() {
-        eprintln!("skipped {test}: building the appliance needs root (loop devices, chroot)");
+    if let Some(why) = unavailable() {
+        eprintln!("skipped {test}: {why}");
         return Ok(());
     }
-    if let Some(t) = qemu::missing(&["qemu-system-x86_64", "qemu-img", "mcopy", "mmd"]) {
-        eprintln!("skipped {test}: {t} is missing (scripts/install-deps installs it)");
-        return Ok(());
-    }
-    if !Path::new("/usr/sbin/mkfs.vfat").exists() && !qemu::have("mkfs.vfat") {
-        eprintln!("skipped {test}: mkfs.vfat is missing (scripts/install-deps installs dosfstools)");
-        return Ok(());
-    }
+    let _one = ONE_VM.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
 
     // The image and its exports.
     let raw = build_image()?;
@@ -205,13 +228,8 @@ fn appliance_boots_from_its_config_drive_and_takes_two_syncs() -> Result<()> {
 
     // A throwaway overlay and the config drive.
     let tmp = tempfile::tempdir()?;
-    let overlay = tmp.path().join("gateway.qcow2");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&raw)
-            .arg(&overlay),
-    )?;
+    let overlay_path = tmp.path().join("gateway.qcow2");
+    overlay(&raw, &overlay_path)?;
     let secret = random_hex(20);
     let admin_token = random_hex(32);
     let gateway_toml = format!(
@@ -230,7 +248,7 @@ fn appliance_boots_from_its_config_drive_and_takes_two_syncs() -> Result<()> {
     // Boot: SeaBIOS, virtio disks, user networking with both planes forwarded to free ports.
     let (data_port, control_port) = (free_port()?, free_port()?);
     let config = VmConfig::new(Firmware::Bios)
-        .disk_as(&overlay, Bus::Virtio, "qcow2")
+        .disk_as(&overlay_path, Bus::Virtio, "qcow2")
         .disk(&drive, Bus::Virtio)
         .args([
             "-netdev".to_owned(),
@@ -253,6 +271,7 @@ fn appliance_boots_from_its_config_drive_and_takes_two_syncs() -> Result<()> {
         "{line}"
     );
     assert_eq!(fields.get("data").map(String::as_str), Some(":8443"), "{line}");
+    assert_eq!(fields.get("boot").map(String::as_str), Some("BIOS"), "{line}");
     assert_eq!(
         fields.get("control").map(String::as_str),
         Some(":9443"),
@@ -320,6 +339,50 @@ fn appliance_boots_from_its_config_drive_and_takes_two_syncs() -> Result<()> {
         );
     }
     assert!(control_get(control_port, &fp, &random_hex(32), "/api/v1/hosts").is_err());
+    vm.kill();
+    Ok(())
+}
+
+#[test]
+fn appliance_boots_with_uefi_and_without_config_drive_on_its_defaults() -> Result<()> {
+    let test = "appliance_boots_with_uefi_and_without_config_drive_on_its_defaults";
+    if e2e(test).is_none() {
+        return Ok(());
+    }
+    if let Some(why) = unavailable().or_else(|| tern_tests::vm::unavailable(&[])) {
+        eprintln!("skipped {test}: {why}");
+        return Ok(());
+    }
+    let _one = ONE_VM.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let raw = build_image()?;
+    let tmp = tempfile::tempdir()?;
+    let overlay_path = tmp.path().join("gateway.qcow2");
+    overlay(&raw, &overlay_path)?;
+    let config = VmConfig::new(Firmware::Uefi)
+        .disk_as(&overlay_path, Bus::Virtio, "qcow2")
+        .nic(tern_tests::vm::Nic::VirtioNet);
+    let vm = Vm::start(&config, &tmp.path().join("vm"))?;
+    let line = vm.wait_for("TERN-GATEWAY version=", Duration::from_secs(900))?;
+    eprintln!("gateway appliance (UEFI) up after {:.0?}: {line}", vm.elapsed());
+    let fields = console_fields(&line)?;
+    assert_eq!(fields.get("data").map(String::as_str), Some(":8443"), "{line}");
+    assert_eq!(fields.get("control").map(String::as_str), Some(":8444"), "{line}");
+    assert_eq!(fields.get("boot").map(String::as_str), Some("UEFI"), "{line}");
+    assert!(
+        fields
+            .get("fingerprint")
+            .is_some_and(|f| f.starts_with("sha256:")),
+        "{line}"
+    );
+    let console = tern_tests::vm::clean(&vm.serial_log());
+    assert!(
+        console.contains("TERN-GATEWAY-FIRSTBOOT no config drive"),
+        "{console}"
+    );
+    assert!(
+        console.contains("Booting `Tern gateway"),
+        "GRUB did not boot the entry: {console}"
+    );
     vm.kill();
     Ok(())
 }
