@@ -544,7 +544,9 @@ pub fn fetch_metadata(addr: std::net::SocketAddr, timeout: Duration) -> Result<O
     parse_http_response(&resp)
 }
 
-/// The body of a complete HTTP/1.x response if its status is 200; `None` for 404.
+/// The body of a complete HTTP/1.x response if its status is 200; `None` for any other status
+/// (no user data, or something else answering at that address: QEMU's user network passes
+/// 169.254.169.254 through to the host's own metadata service).
 pub fn parse_http_response(resp: &[u8]) -> Result<Option<Vec<u8>>, JobError> {
     let bad = |m: &str| JobError::Invalid(format!("metadata service: {m}"));
     let end = resp
@@ -557,10 +559,11 @@ pub fn parse_http_response(resp: &[u8]) -> Result<Option<Vec<u8>>, JobError> {
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .ok_or_else(|| bad("no status line"))?;
-    match status {
-        "200" => Ok(Some(resp[end + 4..].to_vec())),
-        "404" => Ok(None),
-        s => Err(bad(&format!("HTTP status {s}"))),
+    if status == "200" {
+        Ok(Some(resp[end + 4..].to_vec()))
+    } else {
+        tracing::debug!(status, "the metadata service has no job");
+        Ok(None)
     }
 }
 
@@ -907,7 +910,10 @@ mod tests {
             parse_http_response(b"HTTP/1.1 404 Not Found\r\n\r\n").unwrap(),
             None
         );
-        assert!(parse_http_response(b"HTTP/1.1 500 Oops\r\n\r\n").is_err());
+        assert_eq!(
+            parse_http_response(b"HTTP/1.1 426 Upgrade Required\r\n\r\n").unwrap(),
+            None
+        );
         assert!(parse_http_response(b"HTTP/1.1 200 OK\r\n").is_err());
         assert!(parse_http_response(b"").is_err());
         // Nothing listens on this port (bound, then closed): no job, no error.

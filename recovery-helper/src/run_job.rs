@@ -415,11 +415,6 @@ fn run_job(job: &Job, args: &JobArgs, watchdog: &Arc<Watchdog>, wait: Duration) 
     opts.root = job.repair.root.clone();
     let report = repair::repair(&opts).context("repairing the guest")?;
     watchdog.tick();
-    for step in &report.steps {
-        for a in &step.actions {
-            say(&format!("repair {}: {a}", step.name));
-        }
-    }
     say(&format!(
         "repair done: {}, root {}, changed {}",
         report.os.pretty_name,
