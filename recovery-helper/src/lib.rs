@@ -2,9 +2,11 @@
 //!
 //! - [`restore`]: a recovery point's disks from object storage to block devices or files.
 //! - [`describe`]: a human summary of a manifest.
+//! - [`job`]: the helper VM's job (format, where it is found, the console protocol).
 //! - [`repair`]: Boot-in-Cloud driver adaptation of a guest's disks (virtio, UEFI → BIOS, DHCP,
 //!   hypervisor tools off).
 
+pub mod job;
 pub mod repair;
 pub mod restore;
 

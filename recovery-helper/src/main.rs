@@ -13,6 +13,8 @@ use tern_core::tls::parse_fingerprint;
 use tern_core::{DiskId, HostId, PointId};
 use tern_recovery_helper::restore::{RestoreOptions, restore_disk};
 
+mod run_job;
+
 #[derive(Parser, Debug)]
 #[command(name = "tern-recovery-helper", version, about = "Tern recovery helper")]
 struct Cli {
@@ -35,6 +37,10 @@ enum Command {
     /// It mounts the guest's file systems and runs the guest's tools: run it only on a
     /// disposable helper host (one with /etc/tern/disposable-helper, or pass --disposable-host).
     Repair(RepairArgs),
+    /// Runs the recovery helper VM's job (docs/boot-in-cloud.md): finds it (kernel command
+    /// line, config drive, metadata service), restores and/or repairs the disks, prints one
+    /// TERN-HELPER-RESULT line, then reboots or powers off. Refuses outside a helper VM.
+    Job(run_job::JobArgs),
 }
 
 #[derive(Args, Debug)]
@@ -118,12 +124,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    if matches!(cli.command, Command::Job(_)) {
+        // Every console line of a job is `TERN-HELPER <time> ...`.
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(run_job::ConsoleLog::default)
+            .with_ansi(false)
+            .with_target(false)
+            .without_time()
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+            .init();
+    }
     let result = match cli.command {
         Command::InspectManifest { path } => std::fs::read(&path)
             .with_context(|| format!("reading {}", path.display()))
@@ -137,6 +154,7 @@ fn main() -> ExitCode {
             .context("failed to start the async runtime")
             .and_then(|rt| rt.block_on(restore(*args))),
         Command::Repair(args) => repair(args),
+        Command::Job(args) => run_job::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,25 +168,11 @@ fn main() -> ExitCode {
 fn repair(args: RepairArgs) -> anyhow::Result<()> {
     use tern_recovery_helper::repair::{self, NetworkMode, RepairOptions};
     let network = if args.keep_static_ip {
-        let mut pins = Vec::new();
-        for p in &args.pin_nic {
-            let (name, mac) = p
-                .split_once('=')
-                .ok_or_else(|| anyhow!("--pin-nic {p:?} is not NAME=MAC"))?;
-            let valid_mac = mac.split(':').count() == 6
-                && mac
-                    .split(':')
-                    .all(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()));
-            let valid_name = !name.is_empty()
-                && name.len() < 16
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
-            if !valid_mac || !valid_name {
-                return Err(anyhow!("--pin-nic {p:?}: expected NAME=aa:bb:cc:dd:ee:ff"));
-            }
-            pins.push((name.to_owned(), mac.to_owned()));
-        }
+        let pins = args
+            .pin_nic
+            .iter()
+            .map(|p| tern_recovery_helper::job::parse_pin_nic(p).map_err(|e| anyhow!("--pin-nic: {e}")))
+            .collect::<anyhow::Result<_>>()?;
         NetworkMode::KeepStatic { pins }
     } else {
         NetworkMode::Dhcp
@@ -253,6 +257,7 @@ async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         engine: Default::default(),
         journal: args.journal.clone(),
         progress: !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        counter: None,
     };
     let mut summaries = Vec::new();
     for (id, path) in targets {

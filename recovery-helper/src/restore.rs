@@ -98,6 +98,8 @@ pub struct RestoreOptions {
     pub journal: Option<PathBuf>,
     /// Show a progress bar.
     pub progress: bool,
+    /// Counts the bytes written or zeroed as they land (a watchdog's sign of progress).
+    pub counter: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// How a disk's restore went (printed as JSON).
@@ -382,6 +384,11 @@ pub async fn restore_disk(
         path: output.display().to_string(),
         source,
     };
+    let count = |n: u64| {
+        if let Some(c) = &opts.counter {
+            c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
     let mut failure = None;
     while let Some(r) = tasks.next().await {
         match r {
@@ -394,11 +401,13 @@ pub async fn restore_disk(
                 summary.bytes_fetched += fetched;
                 summary.bytes_written += written;
                 bar.inc(written);
+                count(written);
                 unsynced.push(index);
             }
             Ok(Done::Zero { index }) => {
                 summary.chunks_zero += 1;
                 bar.inc(u64::from(geometry.chunk_len(index)));
+                count(u64::from(geometry.chunk_len(index)));
                 unsynced.push(index);
             }
             Err(e) => {

@@ -172,12 +172,18 @@ impl StoreKey {
             path: path.display().to_string(),
             source,
         })?;
+        Self::parse(&bytes, cipher, &path.display().to_string())
+    }
+
+    /// Parses a key file's content (64 hex digits, surrounding whitespace allowed, or 32 raw
+    /// bytes); `name` says where it came from in an error.
+    pub fn parse(bytes: &[u8], cipher: Cipher, name: &str) -> Result<Self, KeyError> {
         let mut master = [0u8; 32];
-        let text = std::str::from_utf8(&bytes).map(str::trim).ok();
+        let text = std::str::from_utf8(bytes).map(str::trim).ok();
         match text {
             Some(t) if t.len() == 64 && hex::decode_to_slice(t, &mut master).is_ok() => {}
-            _ if bytes.len() == 32 => master.copy_from_slice(&bytes),
-            _ => return Err(KeyError::Format(path.display().to_string())),
+            _ if bytes.len() == 32 => master.copy_from_slice(bytes),
+            _ => return Err(KeyError::Format(name.to_owned())),
         }
         let key = Self::from_bytes(&master, cipher);
         master.fill(0);
