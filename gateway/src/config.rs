@@ -218,7 +218,10 @@ impl RecoveryFile {
                     ));
                 }
                 let (h, p) = authority(&o.endpoint).ok_or_else(|| {
-                    invalid("object_store.endpoint", format!("{:?} is not http(s)://HOST[:PORT]", o.endpoint))
+                    invalid(
+                        "object_store.endpoint",
+                        format!("{:?} is not http(s)://HOST[:PORT]", o.endpoint),
+                    )
                 })?;
                 let secret_file = self.store_secret_file.unwrap_or_else(|| o.secret_file.clone());
                 let secret = std::fs::read_to_string(&secret_file).map_err(|e| {
@@ -232,9 +235,10 @@ impl RecoveryFile {
                     return Err(invalid("recovery.store_secret_file", "is empty"));
                 }
                 let ca_pem = match &o.ca_file {
-                    Some(f) => Some(std::fs::read_to_string(f).map_err(|e| {
-                        invalid("object_store.ca_file", format!("{}: {e}", f.display()))
-                    })?),
+                    Some(f) => Some(
+                        std::fs::read_to_string(f)
+                            .map_err(|e| invalid("object_store.ca_file", format!("{}: {e}", f.display())))?,
+                    ),
                     None => None,
                 };
                 Some(HelperStore {
@@ -657,7 +661,10 @@ mod tests {
             "recovery.default_flavor",
         );
         refused(
-            format!("[recovery]\nhelper_image = '{}'\nstore_endpoint_for_instances = 'http://x'", img.display()),
+            format!(
+                "[recovery]\nhelper_image = '{}'\nstore_endpoint_for_instances = 'http://x'",
+                img.display()
+            ),
             "recovery.store_endpoint_for_instances",
         );
         assert!(toml::from_str::<ConfigFile>("[recovery]\nhelper = '/x'").is_err());
