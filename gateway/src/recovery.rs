@@ -103,8 +103,8 @@ impl Phase {
     /// The phase after `self` succeeded.
     pub fn next(self, mode: Mode) -> Phase {
         match (mode, self) {
-            (_, Phase::CreatingVolumes) if mode == Mode::Block => Phase::StartingHelper,
-            (_, Phase::CreatingVolumes) => Phase::StartingInstance,
+            (Mode::Block, Phase::CreatingVolumes) => Phase::StartingHelper,
+            (Mode::Object, Phase::CreatingVolumes) => Phase::StartingInstance,
             (Mode::Block, Phase::StartingHelper) => Phase::WaitingForHelper,
             (Mode::Block, Phase::WaitingForHelper) => Phase::RemovingHelper,
             (Mode::Block, Phase::RemovingHelper) => Phase::StartingInstance,
@@ -714,10 +714,9 @@ impl Recoveries {
             if rec.state.is_terminal() || rec.state == Phase::Deleting || cancel.is_cancelled() {
                 return;
             }
-            let outcome = tokio::select! {
-                r = self.step(&mut rec, &cancel) => r,
-                () = cancel.cancelled() => return,
-            };
+            // Not abandoned midway (a volume copy or an instance definition would finish in
+            // the background after DELETE cleaned up): waiting steps watch `cancel` themselves.
+            let outcome = self.step(&mut rec, &cancel).await;
             if cancel.is_cancelled() {
                 return;
             }
@@ -1224,5 +1223,274 @@ mod tests {
         let back: RecoveryRecord = serde_json::from_str(&text).unwrap();
         assert_eq!(back, r);
         assert!(new_id().starts_with("r-"));
+    }
+
+    /// A stand-in for `qemu-system-x86_64` for the orchestration tests (the real one runs in
+    /// `tests/tests/local_instances.rs`): it writes its pid file, reads the job from the config
+    /// drive with mtools, prints the helper's result line on the serial log and, for
+    /// `after: poweroff`, exits; otherwise it runs until killed. It speaks no QMP, so stopping
+    /// it takes the SIGKILL path.
+    const FAKE_QEMU: &str = r#"#!/bin/bash
+set -u
+pidfile= serial= drive=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -pidfile) pidfile=$2; shift ;;
+    -chardev) serial=$(sed -n 's/.*path=\([^,]*\),append=on.*/\1/p' <<<"$2") ;;
+    -drive) case "$2" in *id=configdrive*) drive=${2##*file=} ;; esac ;;
+  esac
+  shift
+done
+(
+  echo $BASHPID >"$pidfile"
+  if [ -n "$drive" ]; then
+    job=$(MTOOLS_SKIP_CHECK=1 mtype -i "$drive" ::tern/job.json)
+    id=$(sed -n 's/^  "id": "\(.*\)",$/\1/p' <<<"$job")
+    echo "TERN-HELPER 2026-11-24T10:15:00Z job $id" >>"$serial"
+    echo "TERN-HELPER-RESULT id=$id status=ok" >>"$serial"
+    grep -q '"after": "poweroff"' <<<"$job" && exit 0
+  fi
+  while :; do sleep 1; done
+) </dev/null >/dev/null 2>&1 &
+sleep 0.3
+"#;
+
+    struct Bench {
+        _dir: tempfile::TempDir,
+        db: MetaDb,
+        provider: Arc<crate::provider::local::LocalProvider>,
+        config: RecoveryConfig,
+    }
+
+    fn bench() -> Option<Bench> {
+        use std::os::unix::fs::PermissionsExt as _;
+        if std::process::Command::new("mkfs.vfat")
+            .arg("--help")
+            .output()
+            .is_err()
+            || std::process::Command::new("mtype")
+                .arg("--version")
+                .output()
+                .is_err()
+        {
+            eprintln!("skipped: mkfs.vfat or mtools missing (scripts/install-deps installs them)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = dir.path().join("fake-qemu");
+        std::fs::write(&qemu, FAKE_QEMU).unwrap();
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let helper_image = dir.path().join("helper.img");
+        std::fs::write(&helper_image, vec![1u8; 1 << 20]).unwrap();
+        let mut config = config();
+        config.helper_image = helper_image;
+        config.qemu.binary = qemu;
+        config.qemu.accel = crate::provider::qemu::Accel::Tcg;
+        config.stop_grace = Duration::from_secs(1);
+        let provider = Arc::new(
+            crate::provider::local::LocalProvider::new(&dir.path().join("gw"), false)
+                .unwrap()
+                .with_qemu(config.qemu.clone()),
+        );
+        let db = MetaDb::open(&dir.path().join("meta.redb")).unwrap();
+        Some(Bench {
+            _dir: dir,
+            db,
+            provider,
+            config,
+        })
+    }
+
+    async fn wait_state(
+        r: &Recoveries,
+        id: &str,
+        until: impl Fn(Option<&RecoveryRecord>) -> bool,
+    ) -> Option<RecoveryRecord> {
+        let start = std::time::Instant::now();
+        loop {
+            let rec = r.get(id).unwrap();
+            if until(rec.as_ref()) {
+                return rec;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "stuck: {rec:#?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn block_recovery_runs_helper_then_instance_and_delete_removes_everything() {
+        let Some(b) = bench() else { return };
+        let p = b.provider.clone();
+        // A committed point of two disks.
+        let host = HostId::new("web-01").unwrap();
+        let mut snaps = Vec::new();
+        for (disk, size) in [("sda", 4u64 << 20), ("sdb", 1 << 20)] {
+            p.create_volume(&format!("web-01.{disk}"), size).await.unwrap();
+            let s = p
+                .snapshot_volume(&format!("web-01.{disk}"), &format!("web-01.{disk}.p1"))
+                .await
+                .unwrap();
+            snaps.push(crate::db::SnapshotRef {
+                disk: tern_core::DiskId::new(disk).unwrap(),
+                snapshot: s.id,
+            });
+        }
+        let prec = crate::db::PointRecord {
+            created_unix_ms: 1,
+            committed_unix_ms: 2,
+            snapshots: snaps,
+            manifest_len: 0,
+        };
+        b.db.commit_point(
+            &host,
+            &tern_core::PointId::new("p1").unwrap(),
+            &prec,
+            b"",
+            &Default::default(),
+        )
+        .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let r = Recoveries::new(b.db.clone(), p.clone(), b.config.clone(), metrics.clone());
+        let req = |point: &str| RecoveryRequest {
+            host: host.clone(),
+            point: point.into(),
+            mode: Mode::Block,
+            drill: false,
+            flavor: None,
+            encryption_key: None,
+        };
+        assert!(matches!(
+            r.start(req("nope")).await,
+            Err(RecoveryError::NotFound(_))
+        ));
+        let rec = r.start(req("latest")).await.unwrap();
+        assert_eq!(rec.point, "p1");
+        let done = wait_state(&r, &rec.id, |x| x.is_some_and(|x| x.state.is_terminal()))
+            .await
+            .unwrap();
+        assert_eq!(done.state, Phase::Running, "{done:#?}");
+        let names: Vec<Phase> = done.steps.iter().map(|s| s.name).collect();
+        assert_eq!(
+            names,
+            [
+                Phase::CreatingVolumes,
+                Phase::StartingHelper,
+                Phase::WaitingForHelper,
+                Phase::RemovingHelper,
+                Phase::StartingInstance
+            ]
+        );
+        assert!(
+            done.steps
+                .iter()
+                .all(|s| s.finished_unix_ms.is_some() && s.error.is_none())
+        );
+        // The helper and its boot volume are gone; the instance runs from the recovered volumes.
+        assert_eq!(p.instance(&format!("{}-helper", rec.id)).await.unwrap(), None);
+        assert_eq!(p.volume(&format!("{}.helper", rec.id)).await.unwrap(), None);
+        let inst = p.instance(&rec.id).await.unwrap().unwrap();
+        assert_eq!(inst.state, InstanceState::Running);
+        let vols: Vec<&str> = inst.spec.disks.iter().map(|d| d.volume.as_str()).collect();
+        assert_eq!(vols, [format!("{}.sda", rec.id), format!("{}.sdb", rec.id)]);
+        assert_eq!(inst.spec.network, Network::User);
+        assert_eq!(done.serial_log, Some(inst.serial_log));
+        assert_eq!(done.disks[0].size, 4 << 20);
+        let text = metrics.encode();
+        assert!(
+            text.contains("tern_gateway_recoveries_total{mode=\"block\",event=\"running\"} 1"),
+            "{text}"
+        );
+
+        r.delete(&rec.id).unwrap();
+        wait_state(&r, &rec.id, |x| x.is_none()).await;
+        assert_eq!(p.instance(&rec.id).await.unwrap(), None);
+        assert_eq!(p.volume(&format!("{}.sda", rec.id)).await.unwrap(), None);
+        // The point's snapshots are untouched.
+        assert_eq!(p.list_snapshots().await.unwrap().len(), 2);
+        assert!(matches!(r.delete(&rec.id), Err(RecoveryError::NotFound(_))));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn object_drill_boots_one_instance_and_a_restart_without_the_key_fails_clearly() {
+        let Some(b) = bench() else { return };
+        let p = b.provider.clone();
+        let host = HostId::new("db-01").unwrap();
+        let orec = crate::db::ObjectPointRecord {
+            created_unix_ms: 1,
+            stored_unix_ms: 2,
+            disks: vec![
+                crate::db::ObjectDiskRecord {
+                    id: "vda".into(),
+                    size: 8 << 20,
+                    chunks: 2,
+                    data_chunks: 1,
+                },
+                crate::db::ObjectDiskRecord {
+                    id: "vdb".into(),
+                    size: 2 << 20,
+                    chunks: 1,
+                    data_chunks: 0,
+                },
+            ],
+        };
+        b.db.put_object_point(&host, &tern_core::PointId::new("o1").unwrap(), &orec, b"")
+            .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let r = Recoveries::new(b.db.clone(), p.clone(), b.config.clone(), metrics.clone());
+        let rec = r
+            .start(RecoveryRequest {
+                host: host.clone(),
+                point: "latest".into(),
+                mode: Mode::Object,
+                drill: true,
+                flavor: Some(Flavor {
+                    vcpus: 2,
+                    ram_mib: 512,
+                }),
+                encryption_key: Some("KEY".into()),
+            })
+            .await
+            .unwrap();
+        let done = wait_state(&r, &rec.id, |x| x.is_some_and(|x| x.state.is_terminal()))
+            .await
+            .unwrap();
+        assert_eq!(done.state, Phase::Running, "{done:#?}");
+        assert!(done.encrypted);
+        let stored = String::from_utf8(b.db.recovery(&rec.id).unwrap().unwrap()).unwrap();
+        assert!(!stored.contains("KEY") && !stored.contains("\"SK\""), "{stored}");
+        let inst = p.instance(&rec.id).await.unwrap().unwrap();
+        assert_eq!(inst.spec.network, Network::Isolated);
+        assert_eq!(inst.spec.flavor.vcpus, 2);
+        assert_eq!(inst.spec.guest_forwards.len(), 1);
+        // The first disk is the helper image grown to the source's size; the second is empty.
+        assert_eq!(
+            p.volume(&format!("{}.vda", rec.id)).await.unwrap().unwrap().size,
+            8 << 20
+        );
+        assert_eq!(
+            p.volume(&format!("{}.vdb", rec.id)).await.unwrap().unwrap().size,
+            2 << 20
+        );
+        r.delete(&rec.id).unwrap();
+        wait_state(&r, &rec.id, |x| x.is_none()).await;
+
+        // A gateway restart between the request and the config drive loses the key: the
+        // resumed recovery fails and says so.
+        let mut stuck = done.clone();
+        stuck.id = "r-stuck".into();
+        stuck.instance = "r-stuck".into();
+        stuck.steps.clear();
+        stuck.error = None;
+        stuck.enter(Phase::StartingInstance, 5);
+        b.db.put_recovery(&stuck.id, &serde_json::to_vec(&stuck).unwrap())
+            .unwrap();
+        let r2 = Recoveries::new(b.db.clone(), p.clone(), b.config.clone(), metrics);
+        assert_eq!(r2.resume().unwrap(), 1);
+        let failed = wait_state(&r2, "r-stuck", |x| x.is_some_and(|x| x.state.is_terminal()))
+            .await
+            .unwrap();
+        assert_eq!(failed.state, Phase::Failed);
+        assert!(failed.error.unwrap().contains("request it again with the key"));
+        assert_eq!(p.instance("r-stuck").await.unwrap(), None);
     }
 }
