@@ -60,6 +60,14 @@ enum Command {
         #[arg(long, global = true, default_value = "/var/lib/tern-gateway")]
         data_dir: PathBuf,
     },
+    /// Boot-in-Cloud recoveries on a running gateway configured with [recovery].
+    Recovery {
+        #[command(subcommand)]
+        command: RecoveryCommand,
+        /// The gateway's data directory.
+        #[arg(long, global = true, default_value = "/var/lib/tern-gateway")]
+        data_dir: PathBuf,
+    },
     /// How many gateways a fleet needs and which disks go to which.
     Plan {
         /// A host and its disk count, e.g. `web01=2` (repeat).
@@ -94,6 +102,40 @@ enum ObjectCommand {
         /// Grace period override (e.g. 0s, 10m).
         #[arg(long, value_parser = humantime::parse_duration)]
         grace: Option<std::time::Duration>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RecoveryCommand {
+    /// Recover a host's point into an instance; prints the recovery id.
+    Start {
+        /// Host.
+        #[arg(long)]
+        host: String,
+        /// Point id.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// `block` or `object`.
+        #[arg(long)]
+        mode: String,
+        /// A drill: isolated network.
+        #[arg(long)]
+        drill: bool,
+        /// The point's key file (object mode, encrypted points); sent, never stored.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Every recovery (JSON).
+    List,
+    /// One recovery (JSON).
+    Show {
+        /// Recovery id.
+        id: String,
+    },
+    /// Remove a recovery's instances and volumes.
+    Delete {
+        /// Recovery id.
+        id: String,
     },
 }
 
@@ -278,6 +320,40 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                         ),
                     )
                     .await?
+                }
+            };
+            println!("{out}");
+            Ok(())
+        }
+        Command::Recovery { command, data_dir } => {
+            let c = ControlClient::from_data_dir(&data_dir)?;
+            let out = match command {
+                RecoveryCommand::Start {
+                    host,
+                    point,
+                    mode,
+                    drill,
+                    key_file,
+                } => {
+                    let key = match key_file {
+                        Some(p) => Some(
+                            std::fs::read_to_string(&p)
+                                .with_context(|| format!("reading {}", p.display()))?,
+                        ),
+                        None => None,
+                    };
+                    let body = serde_json::json!({ "host": host, "point": point, "mode": mode, "drill": drill, "encryption_key": key });
+                    c.call(reqwest::Method::POST, "/api/v1/recoveries", Some(body))
+                        .await?
+                }
+                RecoveryCommand::List => c.call(reqwest::Method::GET, "/api/v1/recoveries", None).await?,
+                RecoveryCommand::Show { id } => {
+                    c.call(reqwest::Method::GET, &format!("/api/v1/recoveries/{id}"), None)
+                        .await?
+                }
+                RecoveryCommand::Delete { id } => {
+                    c.call(reqwest::Method::DELETE, &format!("/api/v1/recoveries/{id}"), None)
+                        .await?
                 }
             };
             println!("{out}");

@@ -149,8 +149,14 @@ fn repaired_fixture_runs_as_a_local_instance_across_a_provider_restart() -> Resu
         // Starting a running instance does nothing.
         assert_eq!(p.start_instance("web-01").await?.state, InstanceState::Running);
 
+        // QEMU answers QMP on the instance's socket.
+        let status =
+            tern_gateway::provider::qemu::qmp(&instance_dir.join("qmp.sock"), "query-status").await?;
+        assert!(status.contains("\"running\""), "{status}");
+
+        // An ACPI power-down, then QMP quit after the grace.
         let t = Instant::now();
-        p.stop_instance("web-01", Duration::from_secs(120)).await?;
+        p.stop_instance("web-01", Duration::from_secs(30)).await?;
         eprintln!("{test}: stopped in {:.0?}", t.elapsed());
         assert_eq!(
             p.instance("web-01").await?.map(|i| i.state),

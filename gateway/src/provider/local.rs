@@ -408,9 +408,11 @@ impl CloudProvider for LocalProvider {
             return Err(bad(format!("no OVMF code at {}", self.qemu.ovmf_code.display())));
         }
         std::fs::create_dir_all(&files.dir).map_err(io("create instance", &spec.name))?;
+        let mut stored = spec.clone();
+        stored.config_drive.clear();
         let rec = InstanceRecord {
             version: 1,
-            spec: spec.clone(),
+            spec: stored,
             config_drive: !spec.config_drive.is_empty(),
         };
         let (f2, drive, vars_src) = (

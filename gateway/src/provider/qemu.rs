@@ -20,7 +20,8 @@ pub const CONFIG_DRIVE_LABEL: &str = "config-2";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
-    /// KVM when `/dev/kvm` exists and a probe VM runs on it within 10 s, else TCG.
+    /// KVM when `/dev/kvm` exists and a probe VM runs on it with every CPU feature QEMU asks
+    /// for, else TCG.
     #[default]
     Auto,
     /// KVM, always.
@@ -413,8 +414,10 @@ pub async fn stop(files: &InstanceFiles, grace: Duration) -> Result<(), Provider
     }
 }
 
-/// Whether KVM runs a VM here: SeaBIOS of a probe VM must print its banner on the debug port
-/// within 10 s (where KVM exists but hangs, it never does).
+/// Whether KVM runs a VM here: a probe VM must print SeaBIOS's banner on the debug port within
+/// 10 s, and QEMU must not warn that the host's KVM lacks features of its default CPU model.
+/// (Nested KVM that hides CPU features runs firmware but may hang a guest kernel later; such
+/// a host gets TCG unless `accel = "kvm"` forces it.)
 pub fn kvm_works(binary: &Path, scratch: &Path) -> bool {
     if std::fs::OpenOptions::new()
         .read(true)
@@ -425,7 +428,11 @@ pub fn kvm_works(binary: &Path, scratch: &Path) -> bool {
         return false;
     }
     let log = scratch.join("kvm-probe.log");
+    let err = scratch.join("kvm-probe.err");
     let _ = std::fs::remove_file(&log);
+    let Ok(err_file) = std::fs::File::create(&err) else {
+        return false;
+    };
     let child = Command::new(binary)
         .args([
             "-accel",
@@ -445,16 +452,16 @@ pub fn kvm_works(binary: &Path, scratch: &Path) -> bool {
         .args(["-device", "isa-debugcon,iobase=0x402,chardev=fw"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(err_file)
         .spawn();
     let Ok(mut child) = child else {
         return false;
     };
     let start = Instant::now();
-    let mut ok = false;
+    let mut banner = false;
     while start.elapsed() < Duration::from_secs(10) {
         if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("SeaBIOS")) {
-            ok = true;
+            banner = true;
             break;
         }
         if matches!(child.try_wait(), Ok(Some(_))) {
@@ -465,8 +472,14 @@ pub fn kvm_works(binary: &Path, scratch: &Path) -> bool {
     let _ = child.kill();
     // A VM stuck in KVM may take its time to die: reap it in the background.
     std::thread::spawn(move || child.wait());
+    let warnings = std::fs::read_to_string(&err).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
-    ok
+    let _ = std::fs::remove_file(&err);
+    let complete = !warnings.contains("doesn't support requested feature");
+    if banner && !complete {
+        tracing::info!("KVM runs but lacks CPU features of QEMU's default model (nested KVM?); using TCG");
+    }
+    banner && complete
 }
 
 #[cfg(test)]
