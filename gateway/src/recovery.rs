@@ -944,9 +944,9 @@ impl Recoveries {
         let rec = self
             .load(id)?
             .ok_or_else(|| RecoveryError::NotFound(format!("no recovery {id}")))?;
-        if rec.state != Phase::Deleting {
-            self.spawn_delete(id.to_owned());
-        }
+        // Also when already `deleting`: a cleanup that failed is retried (each removal is
+        // idempotent).
+        self.spawn_delete(id.to_owned());
         Ok(rec)
     }
 

@@ -171,3 +171,133 @@ fn repaired_fixture_runs_as_a_local_instance_across_a_provider_restart() -> Resu
         Ok(())
     })
 }
+
+/// The recovery API of a real gateway process, block mode, with a "helper image" that never
+/// reports (an empty disk: SeaBIOS finds nothing to boot): volumes from the point's snapshots
+/// and a running helper instance; the state survives a gateway restart (the helper keeps
+/// running and is not started twice); the recovery fails at `recovery.timeout_minutes` with
+/// its reason; DELETE removes the instance and volumes it created and leaves the point alone.
+#[test]
+fn recovery_api_block_mode_times_out_resumes_and_deletes_everything() -> Result<()> {
+    let test = "recovery_api_block_mode_times_out_resumes_and_deletes_everything";
+    let Some(bins) = tern_tests::e2e(test) else {
+        return Ok(());
+    };
+    if let Some(t) = tern_tests::qemu::missing(&["qemu-system-x86_64", "mkfs.vfat", "mcopy"]) {
+        panic!("{test}: {t} is missing (scripts/install-deps installs it)");
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("tern-recovery-api-")
+        .tempdir_in("/var/tmp")?;
+    let helper_image = tmp.path().join("no-helper.raw");
+    std::fs::File::create(&helper_image)?.set_len(1 << 20)?;
+    let config = tmp.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[recovery]\nhelper_image = '{}'\naccel = 'tcg'\ntimeout_minutes = 1\nhelper_flavor = {{ vcpus = 1, ram_mib = 256 }}\n",
+            helper_image.display()
+        ),
+    )?;
+    let mut gw = tern_tests::Gateway::start(
+        &bins,
+        &tmp.path().join("gw"),
+        &["--config", config.to_str().context("path")?],
+    )?;
+    let key = gw.key("web-01")?;
+    let sda = tmp.path().join("sda.img");
+    tern_tests::make_disk(&sda, 32 << 20, &mut tern_tests::rng(7))?;
+    let out = run_ok(
+        tern_tests::agent_sync_cmd(&bins, &gw, &key, "web-01", &tmp.path().join("agent"))
+            .arg("--disk")
+            .arg(format!("sda={}", sda.display())),
+    )?;
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let point = summary["point_id"].as_str().context("point_id")?.to_owned();
+    let snapshot = gw.snapshot_path("web-01", "sda", &point);
+    let snapshot_sum = tern_tests::sha256_file(&snapshot)?;
+
+    let post = |body: serde_json::Value| gw.control(reqwest::Method::POST, "/api/v1/recoveries", Some(body));
+    let e = post(serde_json::json!({"host": "web-01", "mode": "sideways"})).unwrap_err();
+    assert!(e.to_string().contains("400"), "{e}");
+    let e = post(serde_json::json!({"host": "db-09", "mode": "block"})).unwrap_err();
+    assert!(e.to_string().contains("404"), "{e}");
+    let created: serde_json::Value =
+        serde_json::from_str(&post(serde_json::json!({"host": "web-01", "mode": "block"}))?)?;
+    let id = created["id"].as_str().context("id")?.to_owned();
+    let get = |gw: &tern_tests::Gateway| -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            &gw.control_get(&format!("/api/v1/recoveries/{id}"))?,
+        )?)
+    };
+    let wait = |gw: &tern_tests::Gateway, state: &str| -> Result<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            let r = get(gw)?;
+            if r["state"] == state {
+                return Ok(r);
+            }
+            if start.elapsed() > Duration::from_secs(300) {
+                bail!("not {state} after 5 minutes: {r:#}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let r = wait(&gw, "waiting_for_helper")?;
+    assert_eq!(r["point"], point.as_str());
+    assert_eq!(r["disks"][0]["volume"], format!("{id}.sda"));
+    let helper_dir = gw.dir.join("instances").join(format!("{id}-helper"));
+    let pid = std::fs::read_to_string(helper_dir.join("qemu.pid"))?;
+    assert!(std::path::Path::new(&format!("/proc/{}", pid.trim())).exists());
+    assert_eq!(
+        r["serial_log"],
+        helper_dir.join("serial.log").to_str().context("path")?
+    );
+    assert_eq!(
+        tern_tests::sha256_file(&gw.dir.join("volumes").join(format!("{id}.sda.img")))?,
+        snapshot_sum,
+        "the recovered volume is not the point's snapshot"
+    );
+    let job = run_ok(
+        std::process::Command::new("mtype")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(helper_dir.join("config-drive.img"))
+            .arg("::tern/job.json"),
+    )?;
+    let job: serde_json::Value = serde_json::from_slice(&job.stdout)?;
+    assert_eq!(job["id"], id.as_str());
+    assert_eq!(job["action"], "repair");
+    assert_eq!(job["after"], "poweroff");
+    assert_eq!(job["disks"][0]["serial"], "tern-sda");
+
+    // A restarted gateway resumes the wait; the helper was not started again.
+    gw.restart()?;
+    let r = get(&gw)?;
+    assert_eq!(r["state"], "waiting_for_helper", "{r:#}");
+    assert_eq!(std::fs::read_to_string(helper_dir.join("qemu.pid"))?, pid);
+
+    let r = wait(&gw, "failed")?;
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no result from the helper")),
+        "{r:#}"
+    );
+    assert!(gw.metric("tern_gateway_recoveries_total{mode=\"block\",event=\"failed\"}")? >= 1);
+
+    let deleted = gw.control(reqwest::Method::DELETE, &format!("/api/v1/recoveries/{id}"), None)?;
+    assert!(deleted.contains("deleting"), "{deleted}");
+    let start = Instant::now();
+    while get(&gw).is_ok() {
+        assert!(start.elapsed() < Duration::from_secs(60), "DELETE did not finish");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(!helper_dir.exists());
+    for v in [format!("{id}.sda.img"), format!("{id}.helper.img")] {
+        assert!(!gw.dir.join("volumes").join(&v).exists(), "{v} left behind");
+    }
+    assert_eq!(tern_tests::sha256_file(&snapshot)?, snapshot_sum);
+    assert_eq!(gw.control_get("/api/v1/recoveries")?.trim(), "[]");
+    Ok(())
+}
