@@ -68,6 +68,13 @@ enum Command {
         #[arg(long, global = true, default_value = "/var/lib/tern-gateway")]
         data_dir: PathBuf,
     },
+    /// Carries one connection between stdin/stdout and HOST:PORT (QEMU runs it for each
+    /// connection to an instance's guest forward).
+    #[command(hide = true)]
+    Relay {
+        /// Where to connect.
+        target: String,
+    },
     /// How many gateways a fleet needs and which disks go to which.
     Plan {
         /// A host and its disk count, e.g. `web01=2` (repeat).
@@ -359,6 +366,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             println!("{out}");
             Ok(())
         }
+        Command::Relay { target } => relay(&target),
         Command::Hosts { data_dir } => {
             let c = ControlClient::from_data_dir(&data_dir)?;
             let out = c.call(reqwest::Method::GET, "/api/v1/hosts", None).await?;
@@ -390,6 +398,21 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// stdin → `target` → stdout until both directions end.
+fn relay(target: &str) -> anyhow::Result<()> {
+    let tcp = std::net::TcpStream::connect(target).with_context(|| format!("connecting to {target}"))?;
+    let mut up = tcp.try_clone()?;
+    let to_target = std::thread::spawn(move || {
+        let r = std::io::copy(&mut std::io::stdin().lock(), &mut up);
+        let _ = up.shutdown(std::net::Shutdown::Write);
+        r
+    });
+    std::io::copy(&mut &tcp, &mut std::io::stdout().lock())?;
+    // The target closed: the guest's side ends with it.
+    drop(to_target);
+    Ok(())
 }
 
 fn main() -> ExitCode {

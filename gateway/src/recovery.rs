@@ -1286,6 +1286,7 @@ sleep 0.3
         config.helper_image = helper_image;
         config.qemu.binary = qemu;
         config.qemu.accel = crate::provider::qemu::Accel::Tcg;
+        config.qemu.relay = Some("/usr/bin/true".into());
         config.stop_grace = Duration::from_secs(1);
         let provider = Arc::new(
             crate::provider::local::LocalProvider::new(&dir.path().join("gw"), false)

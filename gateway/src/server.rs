@@ -82,7 +82,10 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let mut local = LocalProvider::new(dir, config.preallocate).context("starting the local provider")?;
     if let Some(r) = &config.recovery {
-        local = local.with_qemu(r.qemu.clone());
+        let mut qemu = r.qemu.clone();
+        // Guest forwards (a drill's way to the object store) run `tern-gateway relay`.
+        qemu.relay = std::env::current_exe().ok();
+        local = local.with_qemu(qemu);
     }
     let provider: Arc<dyn crate::provider::CloudProvider> = Arc::new(local);
     let store = BlockStore::new(

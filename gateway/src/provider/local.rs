@@ -399,11 +399,8 @@ impl CloudProvider for LocalProvider {
             self.existing("volume", self.volume_path(&d.volume), &d.volume)?;
             check_name("disk", &d.disk)?;
         }
-        for f in &spec.guest_forwards {
-            if !f.target.contains(':') || f.target.contains(char::is_whitespace) {
-                return Err(bad(format!("bad forward target {:?}", f.target)));
-            }
-        }
+        // The command line must be buildable (forward targets, relay program).
+        qemu::netdev(spec, self.qemu.relay.as_deref()).map_err(bad)?;
         if spec.firmware == Firmware::Uefi && !self.qemu.ovmf_code.exists() {
             return Err(bad(format!("no OVMF code at {}", self.qemu.ovmf_code.display())));
         }
@@ -450,7 +447,11 @@ impl CloudProvider for LocalProvider {
             .map(|d| self.existing("volume", self.volume_path(&d.volume), &d.volume))
             .collect::<Result<Vec<_>, _>>()?;
         let accel = self.accel().await;
-        let args = qemu::qemu_args(&rec.spec, &files, &volumes, accel, &self.qemu, rec.config_drive);
+        let args = qemu::qemu_args(&rec.spec, &files, &volumes, accel, &self.qemu, rec.config_drive)
+            .map_err(|reason| ProviderError::Spec {
+                id: name.to_owned(),
+                reason,
+            })?;
         let (f2, bin, id) = (files.clone(), self.qemu.binary.clone(), name.to_owned());
         blocking(move || {
             for stale in [f2.pid(), f2.qmp()] {

@@ -41,6 +41,10 @@ pub struct QemuSettings {
     pub ovmf_code: PathBuf,
     /// OVMF's empty variable store, copied per instance (UEFI instances).
     pub ovmf_vars: PathBuf,
+    /// The program that carries a guest forward's connections: QEMU runs `PROGRAM relay
+    /// HOST:PORT` per connection, the connection on its stdin and stdout (`tern-gateway relay`;
+    /// the gateway sets its own binary). Without it, guest forwards are refused.
+    pub relay: Option<PathBuf>,
 }
 
 impl Default for QemuSettings {
@@ -50,6 +54,7 @@ impl Default for QemuSettings {
             accel: Accel::Auto,
             ovmf_code: PathBuf::from("/usr/share/OVMF/OVMF_CODE.fd"),
             ovmf_vars: PathBuf::from("/usr/share/OVMF/OVMF_VARS.fd"),
+            relay: None,
         }
     }
 }
@@ -97,18 +102,30 @@ fn opt_path(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
 
-/// The `-netdev` value of an instance.
-pub fn netdev(spec: &InstanceSpec) -> String {
+/// The `-netdev` value of an instance. A guest forward runs `relay` per connection (`cmd:`):
+/// QEMU's `tcp:` form would connect once, at start, and carry a single connection.
+pub fn netdev(spec: &InstanceSpec, relay: Option<&Path>) -> Result<String, String> {
     let mut n = String::from("user,id=net0");
     if spec.network == Network::Isolated {
         n.push_str(",restrict=on");
     }
     for f in &spec.guest_forwards {
+        let relay = relay.ok_or("guest forwards need a relay program (tern-gateway relay)")?;
+        let program = relay.display().to_string();
+        if program.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
+            return Err(format!("relay program path {program:?} has blanks or quotes"));
+        }
+        if f.target
+            .contains(|c: char| c.is_whitespace() || c == ',' || c == '\'' || c == '"')
+        {
+            return Err(format!("bad forward target {:?}", f.target));
+        }
         n.push_str(&format!(
-            ",guestfwd=tcp:{}:{}-tcp:{}",
+            ",guestfwd=tcp:{}:{}-cmd:{} relay {}",
             f.guest.ip(),
             f.guest.port(),
-            f.target.replace(',', ",,")
+            program.replace(',', ",,"),
+            f.target
         ));
     }
     for f in &spec.host_forwards {
@@ -117,7 +134,7 @@ pub fn netdev(spec: &InstanceSpec) -> String {
             f.host_port, f.guest_port
         ));
     }
-    n
+    Ok(n)
 }
 
 /// The arguments of `qemu-system-x86_64` for an instance whose disks are the files `volumes`
@@ -129,7 +146,8 @@ pub fn qemu_args(
     accel: &str,
     settings: &QemuSettings,
     config_drive: bool,
-) -> Vec<String> {
+) -> Result<Vec<String>, String> {
+    let netdev = netdev(spec, settings.relay.as_deref())?;
     let mut a: Vec<String> = Vec::new();
     let mut push = |args: &[&str]| a.extend(args.iter().map(|s| (*s).to_owned()));
     push(&["-name", &format!("tern-{}", spec.name)]);
@@ -196,9 +214,9 @@ pub fn qemu_args(
         ]);
         push(&["-device", "virtio-blk-pci,drive=configdrive,serial=config-drive"]);
     }
-    push(&["-netdev", &netdev(spec)]);
+    push(&["-netdev", &netdev]);
     push(&["-device", "virtio-net-pci,netdev=net0,romfile="]);
-    a
+    Ok(a)
 }
 
 /// Why a config-drive path is refused, if it is: `/`-separated names of `[A-Za-z0-9._-]`, none
@@ -527,7 +545,7 @@ mod tests {
             PathBuf::from("/d/volumes/r-1.sda.img"),
             PathBuf::from("/d/v,x.img"),
         ];
-        let a = qemu_args(&spec(), &files, &vols, "tcg", &QemuSettings::default(), true);
+        let a = qemu_args(&spec(), &files, &vols, "tcg", &QemuSettings::default(), true).unwrap();
         assert_eq!(a[pos(&a, "-accel") + 1], "tcg");
         assert_eq!(a[pos(&a, "-m") + 1], "2048");
         assert_eq!(a[pos(&a, "-smp") + 1], "2");
@@ -561,14 +579,21 @@ mod tests {
             host_port: 2222,
             guest_port: 22,
         });
+        // One relay process per connection, not QEMU's single-connection `tcp:` chardev.
         assert_eq!(
-            netdev(&s),
-            "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:7480-tcp:127.0.0.1:9000,hostfwd=tcp:127.0.0.1:2222-:22"
+            netdev(&s, Some(Path::new("/usr/bin/tern-gateway"))).unwrap(),
+            "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:7480-cmd:/usr/bin/tern-gateway relay 127.0.0.1:9000,hostfwd=tcp:127.0.0.1:2222-:22"
         );
+        assert!(netdev(&s, None).is_err());
+        assert!(netdev(&s, Some(Path::new("/my dir/gw"))).is_err());
         let files = InstanceFiles {
             dir: PathBuf::from("/i"),
         };
-        let a = qemu_args(&s, &files, &[], "kvm", &QemuSettings::default(), false);
+        let settings = QemuSettings {
+            relay: Some("/gw".into()),
+            ..QemuSettings::default()
+        };
+        let a = qemu_args(&s, &files, &[], "kvm", &settings, false).unwrap();
         assert!(a.iter().any(|x| x.contains("pflash") && x.contains("OVMF_CODE")));
         assert!(a.contains(&"if=pflash,format=raw,unit=1,file=/i/OVMF_VARS.fd".to_owned()));
         assert!(!a.iter().any(|x| x.contains("config-drive")));
