@@ -80,6 +80,9 @@ pub struct RecoveryFile {
     pub store_endpoint_for_instances: Option<String>,
     /// Let helpers use plain HTTP to that endpoint. Default false.
     pub allow_http: Option<bool>,
+    /// The SHA-256 (hex) of the store's certificate for helpers to pin, where its name does not
+    /// match the address instances use (e.g. a self-signed store reached at 10.0.2.2).
+    pub store_fingerprint: Option<String>,
     /// Drills (isolated network): the address inside the instance's network that is forwarded
     /// to the object store (the endpoint's port is kept). Default `10.0.2.100`.
     pub drill_store_address: Option<std::net::Ipv4Addr>,
@@ -111,6 +114,8 @@ pub struct HelperStore {
     pub allow_http: bool,
     /// CA certificates (PEM) to trust, from `object_store.ca_file`.
     pub ca_pem: Option<String>,
+    /// Certificate fingerprint to pin.
+    pub fingerprint: Option<String>,
     /// Access key id.
     pub access_key_id: String,
     /// Secret access key.
@@ -241,7 +246,18 @@ impl RecoveryFile {
                     ),
                     None => None,
                 };
+                let fingerprint = match self.store_fingerprint {
+                    Some(f) => {
+                        let hex: String = f.chars().filter(|c| *c != ':').collect();
+                        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                            return Err(invalid("recovery.store_fingerprint", "is not a SHA-256 in hex"));
+                        }
+                        Some(f)
+                    }
+                    None => None,
+                };
                 Some(HelperStore {
+                    fingerprint,
                     url: o.url.clone(),
                     endpoint: endpoint.trim_end_matches('/').to_owned(),
                     gateway_target: format!("{h}:{p}"),

@@ -301,3 +301,165 @@ fn recovery_api_block_mode_times_out_resumes_and_deletes_everything() -> Result<
     assert_eq!(gw.control_get("/api/v1/recoveries")?.trim(), "[]");
     Ok(())
 }
+
+/// An object-mode drill through the recovery API of a real gateway with `[object_store]`: one
+/// instance whose first disk is the helper image grown to the source disk's size, on an isolated
+/// network whose only way out is a guest forward (run by `tern-gateway relay`) to the store; the
+/// job on its config drive carries the store's settings as the instance sees them and the
+/// request's key, which neither the API nor the DB shows. DELETE during the restore removes
+/// everything.
+#[test]
+fn recovery_api_object_drill_builds_an_isolated_instance_and_keeps_secrets_off_the_db() -> Result<()> {
+    let test = "recovery_api_object_drill_builds_an_isolated_instance_and_keeps_secrets_off_the_db";
+    let Some(bins) = tern_tests::e2e(test) else {
+        return Ok(());
+    };
+    if let Some(t) = tern_tests::qemu::missing(&["qemu-system-x86_64", "mkfs.vfat", "mcopy"]) {
+        panic!("{test}: {t} is missing (scripts/install-deps installs it)");
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("tern-recovery-drill-")
+        .tempdir_in("/var/tmp")?;
+    let bucket = tern_tests::Bucket::new("recovery-drill", tmp.path())?;
+    let disk = tmp.path().join("web.img");
+    tern_tests::make_disk(&disk, 24 << 20, &mut tern_tests::rng(9))?;
+    let out = run_ok(&mut bucket.sync_cmd(
+        &bins,
+        "gw",
+        "web-01",
+        &tmp.path().join("state"),
+        &[("sda", &disk)],
+    ))?;
+    let point = serde_json::from_slice::<serde_json::Value>(&out.stdout)?["point_id"]
+        .as_str()
+        .context("point_id")?
+        .to_owned();
+
+    let helper_image = tmp.path().join("no-helper.raw");
+    std::fs::File::create(&helper_image)?.set_len(1 << 20)?;
+    let secret = tmp.path().join("s3.secret");
+    std::fs::write(&secret, &bucket.secret_access_key)?;
+    let port = bucket
+        .endpoint
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.trim_end_matches('/').parse::<u16>().ok())
+        .context("store port")?;
+    let config = tmp.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[object_store]\nurl = {url:?}\nendpoint = {ep:?}\nregion = {region:?}\naccess_key_id = {ak:?}\n\
+             secret_file = {secret:?}\nca_file = {ca:?}\nscan_minutes = 60\ngc_hours = 0\n\
+             [recovery]\nhelper_image = {img:?}\naccel = 'tcg'\n\
+             store_endpoint_for_instances = 'https://10.0.2.2:{port}'\n",
+            url = bucket.url("gw"),
+            ep = bucket.endpoint,
+            region = bucket.region,
+            ak = bucket.access_key_id,
+            secret = secret.display().to_string(),
+            ca = bucket.ca_file.display().to_string(),
+            img = helper_image.display().to_string(),
+        ),
+    )?;
+    let gw = tern_tests::Gateway::start(
+        &bins,
+        &tmp.path().join("gw"),
+        &["--config", config.to_str().context("path")?],
+    )?;
+    gw.control(reqwest::Method::POST, "/api/v1/object/scan", None)?;
+    let created: serde_json::Value = serde_json::from_str(&gw.control(
+        reqwest::Method::POST,
+        "/api/v1/recoveries",
+        Some(serde_json::json!({
+            "host": "web-01", "point": "latest", "mode": "object", "drill": true,
+            "flavor": {"vcpus": 1, "ram_mib": 256}, "encryption_key": "THE-KEY-FILE"
+        })),
+    )?)?;
+    let id = created["id"].as_str().context("id")?.to_owned();
+    let start = Instant::now();
+    let r = loop {
+        let r: serde_json::Value =
+            serde_json::from_str(&gw.control_get(&format!("/api/v1/recoveries/{id}"))?)?;
+        if r["state"] == "restoring" {
+            break r;
+        }
+        assert_ne!(r["state"], "failed", "{r:#}");
+        assert!(start.elapsed() < Duration::from_secs(120), "not restoring: {r:#}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(r["point"], point.as_str());
+    assert_eq!(r["encrypted"], true);
+    assert_eq!(r["helper_instance"], serde_json::Value::Null);
+    let listed = gw.control_get("/api/v1/recoveries")?;
+    assert!(!listed.contains("THE-KEY-FILE") && !listed.contains(&bucket.secret_access_key));
+    let db = std::fs::read(gw.dir.join("meta.redb"))?;
+    for s in ["THE-KEY-FILE", bucket.secret_access_key.as_str()] {
+        assert!(
+            !db.windows(s.len()).any(|w| w == s.as_bytes()),
+            "a secret is in the DB"
+        );
+    }
+
+    // The instance: helper image grown to the source size first, isolated, forward to the store.
+    let inst = gw.dir.join("instances").join(&id);
+    let vol = std::fs::metadata(gw.dir.join("volumes").join(format!("{id}.sda.img")))?;
+    assert_eq!(vol.len(), 24 << 20);
+    let pid = std::fs::read_to_string(inst.join("qemu.pid"))?;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim()))?;
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("restrict=on"), "{cmdline}");
+    assert!(
+        cmdline.contains(&format!(
+            "guestfwd=tcp:10.0.2.100:{port}-cmd:{} relay 127.0.0.1:{port}",
+            bins.join("tern-gateway").display()
+        )),
+        "{cmdline}"
+    );
+    let job = run_ok(
+        std::process::Command::new("mtype")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(inst.join("config-drive.img"))
+            .arg("::tern/job.json"),
+    )?;
+    let job: serde_json::Value = serde_json::from_slice(&job.stdout)?;
+    assert_eq!(job["action"], "restore-repair");
+    assert_eq!(job["after"], "reboot");
+    let src = &job["source"];
+    assert_eq!(src["endpoint"], format!("https://10.0.2.100:{port}"));
+    assert_eq!(src["url"], bucket.url("gw"));
+    assert_eq!(src["encryption_key"], "THE-KEY-FILE");
+    assert_eq!(src["secret_access_key"], bucket.secret_access_key.as_str());
+    assert_eq!(src["point"], point.as_str());
+    assert!(
+        src["ca_pem"]
+            .as_str()
+            .is_some_and(|p| p.contains("BEGIN CERTIFICATE"))
+    );
+    // The relay carries a connection from QEMU's side to the store.
+    let mut relay = std::process::Command::new(bins.join("tern-gateway"))
+        .args(["relay", &format!("127.0.0.1:{port}")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write as _;
+        let mut stdin = relay.stdin.take().context("stdin")?;
+        stdin.write_all(b"GARBAGE / HTTP/1.0\r\n\r\n")?;
+    }
+    let out = relay.wait_with_output()?;
+    assert!(
+        !out.stdout.is_empty(),
+        "the store answered nothing through the relay"
+    );
+
+    gw.control(reqwest::Method::DELETE, &format!("/api/v1/recoveries/{id}"), None)?;
+    let start = Instant::now();
+    while gw.control_get(&format!("/api/v1/recoveries/{id}")).is_ok() {
+        assert!(start.elapsed() < Duration::from_secs(60), "DELETE did not finish");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(!inst.exists());
+    assert!(!gw.dir.join("volumes").join(format!("{id}.sda.img")).exists());
+    Ok(())
+}
