@@ -771,6 +771,10 @@ impl Recoveries {
                 }
                 for (i, d) in rec.disks.iter_mut().enumerate() {
                     if let Some(v) = p.volume(&d.volume).await.map_err(err)? {
+                        // Made before a restart; perhaps not grown yet.
+                        if v.size < d.size {
+                            p.resize_volume(&d.volume, d.size).await.map_err(err)?;
+                        }
                         d.size = d.size.max(v.size);
                         continue;
                     }
