@@ -51,6 +51,255 @@ pub struct ConfigFile {
     /// Object mode: the bucket agents write to, which the gateway indexes, prunes and
     /// garbage-collects (it never needs, nor gets, the customers' encryption keys).
     pub object_store: Option<ObjectStoreFile>,
+    /// Boot-in-Cloud: recoveries into instances of the provider (`docs/boot-in-cloud.md`).
+    /// Absent: the recovery API answers 404.
+    pub recovery: Option<RecoveryFile>,
+}
+
+/// Boot-in-Cloud settings as written.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryFile {
+    /// The recovery-helper disk image (raw): the boot disk of block-mode helper instances and
+    /// the first disk of object-mode recoveries. Required.
+    pub helper_image: Option<PathBuf>,
+    /// The QEMU binary of the local provider. Default `qemu-system-x86_64`.
+    pub qemu: Option<PathBuf>,
+    /// `auto` (KVM when a probe VM runs on it, else TCG), `kvm` or `tcg`. Default `auto`.
+    pub accel: Option<crate::provider::qemu::Accel>,
+    /// OVMF code for UEFI instances. Default `/usr/share/OVMF/OVMF_CODE.fd`.
+    pub ovmf_code: Option<PathBuf>,
+    /// OVMF's empty variable store. Default `/usr/share/OVMF/OVMF_VARS.fd`.
+    pub ovmf_vars: Option<PathBuf>,
+    /// The flavor of recovered instances when a request names none. Default 1 vCPU, 1024 MiB.
+    pub default_flavor: Option<crate::provider::Flavor>,
+    /// The flavor of block-mode helper instances. Default 1 vCPU, 1024 MiB.
+    pub helper_flavor: Option<crate::provider::Flavor>,
+    /// The object store's endpoint as an instance reaches it, e.g. `http://10.0.2.2:7480` (a
+    /// local instance reaches the gateway's host at 10.0.2.2). Default: `object_store.endpoint`.
+    pub store_endpoint_for_instances: Option<String>,
+    /// Let helpers use plain HTTP to that endpoint. Default false.
+    pub allow_http: Option<bool>,
+    /// The SHA-256 (hex) of the store's certificate for helpers to pin, where its name does not
+    /// match the address instances use (e.g. a self-signed store reached at 10.0.2.2).
+    pub store_fingerprint: Option<String>,
+    /// Drills (isolated network): the address inside the instance's network that is forwarded
+    /// to the object store (the endpoint's port is kept). Default `10.0.2.100`.
+    pub drill_store_address: Option<std::net::Ipv4Addr>,
+    /// The access key id helpers read the bucket with. Default: `object_store.access_key_id`.
+    pub store_access_key_id: Option<String>,
+    /// A file holding its secret (mode 0600). Default: `object_store.secret_file`.
+    pub store_secret_file: Option<PathBuf>,
+    /// The helper's watchdog: it gives up when nothing progresses this long. Default 600.
+    pub helper_stall_s: Option<u64>,
+    /// A recovery whose helper has not reported within this many minutes fails. Default 720.
+    pub timeout_minutes: Option<u64>,
+    /// How long a stopping instance may take to power down before it is stopped hard, in
+    /// seconds. Default 60.
+    pub stop_grace_s: Option<u64>,
+}
+
+/// Where a helper instance finds the object store (the secret is kept only in memory).
+#[derive(Debug, Clone)]
+pub struct HelperStore {
+    /// `s3://BUCKET[/PREFIX]`.
+    pub url: String,
+    /// The endpoint as an instance reaches it.
+    pub endpoint: String,
+    /// `host:port` the gateway reaches the store at (where a drill's forward leads).
+    pub gateway_target: String,
+    /// Region.
+    pub region: String,
+    /// Plain HTTP allowed.
+    pub allow_http: bool,
+    /// CA certificates (PEM) to trust, from `object_store.ca_file`.
+    pub ca_pem: Option<String>,
+    /// Certificate fingerprint to pin.
+    pub fingerprint: Option<String>,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: tern_core::object::s3::Secret,
+}
+
+/// Validated Boot-in-Cloud settings.
+#[derive(Debug, Clone)]
+pub struct RecoveryConfig {
+    /// Helper image.
+    pub helper_image: PathBuf,
+    /// QEMU.
+    pub qemu: crate::provider::qemu::QemuSettings,
+    /// Default flavor of recovered instances.
+    pub default_flavor: crate::provider::Flavor,
+    /// Flavor of helper instances.
+    pub helper_flavor: crate::provider::Flavor,
+    /// The object store for helpers (object mode), when `[object_store]` is configured.
+    pub store: Option<HelperStore>,
+    /// Address forwarded to the store in drills.
+    pub drill_store_address: std::net::Ipv4Addr,
+    /// Helper watchdog, seconds.
+    pub helper_stall_s: u64,
+    /// Recovery timeout.
+    pub timeout: std::time::Duration,
+    /// Power-down grace.
+    pub stop_grace: std::time::Duration,
+}
+
+/// `host:port` of an `http(s)://host[:port][/]` URL.
+fn authority(url: &str) -> Option<(String, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let default_port = match scheme {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    let host_port = rest.split('/').next()?;
+    if host_port.is_empty() || host_port.contains('@') {
+        return None;
+    }
+    // `[v6]:port`, `[v6]`, `host:port`, `host`.
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((h, p)) if !h.starts_with('[') || h.ends_with(']') => (h, p.parse().ok()?),
+        _ => (host_port, default_port),
+    };
+    (!host.is_empty()).then(|| (host.to_owned(), port))
+}
+
+impl RecoveryFile {
+    fn validate(self, store: Option<&ObjectStoreFile>) -> Result<RecoveryConfig, ConfigError> {
+        let helper_image = self
+            .helper_image
+            .ok_or_else(|| invalid("recovery.helper_image", "is required"))?;
+        if !helper_image.is_file() {
+            return Err(invalid(
+                "recovery.helper_image",
+                format!("{} is not a file", helper_image.display()),
+            ));
+        }
+        let mut qemu = crate::provider::qemu::QemuSettings::default();
+        if let Some(q) = self.qemu {
+            qemu.binary = q;
+        }
+        qemu.accel = self.accel.unwrap_or_default();
+        if let Some(c) = self.ovmf_code {
+            qemu.ovmf_code = c;
+        }
+        if let Some(v) = self.ovmf_vars {
+            qemu.ovmf_vars = v;
+        }
+        let default_flavor = self.default_flavor.unwrap_or_default();
+        default_flavor
+            .check()
+            .map_err(|e| invalid("recovery.default_flavor", e))?;
+        let helper_flavor = self.helper_flavor.unwrap_or_default();
+        helper_flavor
+            .check()
+            .map_err(|e| invalid("recovery.helper_flavor", e))?;
+        let allow_http = self.allow_http.unwrap_or(false);
+        let store = match store {
+            None => {
+                if self.store_endpoint_for_instances.is_some() {
+                    return Err(invalid(
+                        "recovery.store_endpoint_for_instances",
+                        "needs an [object_store] section",
+                    ));
+                }
+                None
+            }
+            Some(o) => {
+                let endpoint = self
+                    .store_endpoint_for_instances
+                    .unwrap_or_else(|| o.endpoint.clone());
+                let Some(_) = authority(&endpoint) else {
+                    return Err(invalid(
+                        "recovery.store_endpoint_for_instances",
+                        format!("{endpoint:?} is not http(s)://HOST[:PORT]"),
+                    ));
+                };
+                if endpoint.starts_with("http://") && !allow_http {
+                    return Err(invalid(
+                        "recovery.store_endpoint_for_instances",
+                        "is plain HTTP: set recovery.allow_http = true to allow it",
+                    ));
+                }
+                let (h, p) = authority(&o.endpoint).ok_or_else(|| {
+                    invalid(
+                        "object_store.endpoint",
+                        format!("{:?} is not http(s)://HOST[:PORT]", o.endpoint),
+                    )
+                })?;
+                let secret_file = self.store_secret_file.unwrap_or_else(|| o.secret_file.clone());
+                let secret = std::fs::read_to_string(&secret_file).map_err(|e| {
+                    invalid(
+                        "recovery.store_secret_file",
+                        format!("{}: {e}", secret_file.display()),
+                    )
+                })?;
+                let secret = secret.trim();
+                if secret.is_empty() {
+                    return Err(invalid("recovery.store_secret_file", "is empty"));
+                }
+                let ca_pem = match &o.ca_file {
+                    Some(f) => Some(
+                        std::fs::read_to_string(f)
+                            .map_err(|e| invalid("object_store.ca_file", format!("{}: {e}", f.display())))?,
+                    ),
+                    None => None,
+                };
+                let fingerprint = match self.store_fingerprint {
+                    Some(f) => {
+                        let hex: String = f.chars().filter(|c| *c != ':').collect();
+                        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                            return Err(invalid("recovery.store_fingerprint", "is not a SHA-256 in hex"));
+                        }
+                        Some(f)
+                    }
+                    None => None,
+                };
+                Some(HelperStore {
+                    fingerprint,
+                    url: o.url.clone(),
+                    endpoint: endpoint.trim_end_matches('/').to_owned(),
+                    gateway_target: format!("{h}:{p}"),
+                    region: o.region.clone().unwrap_or_else(|| "us-east-1".into()),
+                    allow_http,
+                    ca_pem,
+                    access_key_id: self
+                        .store_access_key_id
+                        .unwrap_or_else(|| o.access_key_id.clone()),
+                    secret_access_key: tern_core::object::s3::Secret::new(secret.to_owned()),
+                })
+            }
+        };
+        let helper_stall_s = self.helper_stall_s.unwrap_or(600);
+        if !(30..=86_400).contains(&helper_stall_s) {
+            return Err(invalid(
+                "recovery.helper_stall_s",
+                format!("{helper_stall_s} is not in 30..=86400"),
+            ));
+        }
+        let timeout_minutes = self.timeout_minutes.unwrap_or(720);
+        if timeout_minutes == 0 {
+            return Err(invalid("recovery.timeout_minutes", "must be at least 1"));
+        }
+        let stop_grace_s = self.stop_grace_s.unwrap_or(60);
+        if stop_grace_s > 3600 {
+            return Err(invalid("recovery.stop_grace_s", "must be at most 3600"));
+        }
+        Ok(RecoveryConfig {
+            helper_image,
+            qemu,
+            default_flavor,
+            helper_flavor,
+            store,
+            drill_store_address: self
+                .drill_store_address
+                .unwrap_or(std::net::Ipv4Addr::new(10, 0, 2, 100)),
+            helper_stall_s,
+            timeout: std::time::Duration::from_secs(timeout_minutes * 60),
+            stop_grace: std::time::Duration::from_secs(stop_grace_s),
+        })
+    }
 }
 
 /// The object store the gateway looks after (`docs/object-mode.md`).
@@ -233,6 +482,8 @@ pub struct Config {
     pub landed_batch_max: usize,
     /// Object mode, when configured.
     pub object_store: Option<ObjectStoreConfig>,
+    /// Boot-in-Cloud, when configured.
+    pub recovery: Option<RecoveryConfig>,
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -333,6 +584,10 @@ impl ConfigFile {
             max_volumes_per_instance,
             landed_batch_ms,
             landed_batch_max,
+            recovery: self
+                .recovery
+                .map(|r| r.validate(self.object_store.as_ref()))
+                .transpose()?,
             object_store: self.object_store.map(ObjectStoreFile::validate).transpose()?,
         })
     }
@@ -368,5 +623,67 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.validate().unwrap().io.engine, EngineChoice::Portable);
+    }
+
+    #[test]
+    fn recovery_section_is_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("helper.img");
+        std::fs::write(&img, b"x").unwrap();
+        let secret = dir.path().join("s3.secret");
+        std::fs::write(&secret, "sekrit\n").unwrap();
+        let store = format!(
+            "[object_store]\nurl = 's3://tern-dr/site-a'\nendpoint = 'http://127.0.0.1:9000'\naccess_key_id = 'AK'\nsecret_file = '{}'\n",
+            secret.display()
+        );
+        let parse = |text: &str| toml::from_str::<ConfigFile>(text).unwrap().validate();
+
+        // Defaults: TCG or KVM chosen at run time, the store as the gateway sees it.
+        let c = parse(&format!(
+            "[recovery]\nhelper_image = '{}'\nstore_endpoint_for_instances = 'http://10.0.2.2:9000'\nallow_http = true\n{store}",
+            img.display()
+        ))
+        .unwrap();
+        let r = c.recovery.unwrap();
+        assert_eq!(r.qemu.accel, crate::provider::qemu::Accel::Auto);
+        assert_eq!(r.default_flavor, crate::provider::Flavor::default());
+        let s = r.store.unwrap();
+        assert_eq!(s.endpoint, "http://10.0.2.2:9000");
+        assert_eq!(s.gateway_target, "127.0.0.1:9000");
+        assert_eq!(s.access_key_id, "AK");
+        assert_eq!(s.secret_access_key.expose(), "sekrit");
+
+        let refused = |text: String, field: &str| match parse(&text) {
+            Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{text}"),
+            other => panic!("{text}: {other:?}"),
+        };
+        refused("[recovery]\naccel = 'tcg'".into(), "recovery.helper_image");
+        refused(
+            "[recovery]\nhelper_image = '/nonexistent/helper.img'".into(),
+            "recovery.helper_image",
+        );
+        refused(
+            format!(
+                "[recovery]\nhelper_image = '{}'\nstore_endpoint_for_instances = 'http://10.0.2.2:9000'\n{store}",
+                img.display()
+            ),
+            "recovery.store_endpoint_for_instances",
+        );
+        refused(
+            format!(
+                "[recovery]\nhelper_image = '{}'\ndefault_flavor = {{ vcpus = 0, ram_mib = 512 }}",
+                img.display()
+            ),
+            "recovery.default_flavor",
+        );
+        refused(
+            format!(
+                "[recovery]\nhelper_image = '{}'\nstore_endpoint_for_instances = 'http://x'",
+                img.display()
+            ),
+            "recovery.store_endpoint_for_instances",
+        );
+        assert!(toml::from_str::<ConfigFile>("[recovery]\nhelper = '/x'").is_err());
+        assert!(toml::from_str::<ConfigFile>("[recovery]\naccel = 'hvf'").is_err());
     }
 }

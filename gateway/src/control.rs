@@ -1,5 +1,5 @@
-//! The control plane: REST API (keys, hosts, object-store points and maintenance), `/healthz`,
-//! `/metrics`. Everything but
+//! The control plane: REST API (keys, hosts, object-store points and maintenance, recoveries),
+//! `/healthz`, `/metrics`. Everything but
 //! `/healthz` needs `Authorization: Bearer <admin token>`.
 
 use std::sync::Arc;
@@ -32,6 +32,93 @@ pub struct ControlState {
     pub admin_token_hash: [u8; 32],
     /// The object store, when configured.
     pub objects: Option<Arc<crate::objects::ObjectStores>>,
+    /// Boot-in-Cloud, when configured (`[recovery]`).
+    pub recoveries: Option<Arc<crate::recovery::Recoveries>>,
+}
+
+fn recoveries_of(st: &ControlState) -> Result<&Arc<crate::recovery::Recoveries>, Box<Response>> {
+    st.recoveries.as_ref().ok_or_else(|| {
+        Box::new(
+            (
+                StatusCode::NOT_FOUND,
+                "Boot-in-Cloud is not configured ([recovery] in the config file)",
+            )
+                .into_response(),
+        )
+    })
+}
+
+fn recovery_failed(e: &crate::recovery::RecoveryError) -> Response {
+    use crate::recovery::RecoveryError as E;
+    match e {
+        E::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()).into_response(),
+        E::NotFound(m) => (StatusCode::NOT_FOUND, m.clone()).into_response(),
+        other => internal(tern_core::error_chain(other)),
+    }
+}
+
+async fn create_recovery(
+    State(st): State<ControlState>,
+    body: Result<Json<crate::recovery::RecoveryRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let r = match recoveries_of(&st) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    // The body may hold a key: say what is wrong without echoing it.
+    let Ok(Json(req)) = body else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "expected {\"host\", \"point\", \"mode\": \"block|object\", \"drill\", \"flavor\", \"encryption_key\"}",
+        )
+            .into_response();
+    };
+    match r.start(req).await {
+        Ok(rec) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "id": rec.id, "state": rec.state, "instance": rec.instance })),
+        )
+            .into_response(),
+        Err(e) => recovery_failed(&e),
+    }
+}
+
+async fn list_recoveries(State(st): State<ControlState>) -> Response {
+    let r = match recoveries_of(&st) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    match r.list() {
+        Ok(l) => Json(l).into_response(),
+        Err(e) => recovery_failed(&e),
+    }
+}
+
+async fn get_recovery(State(st): State<ControlState>, Path(id): Path<String>) -> Response {
+    let r = match recoveries_of(&st) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    match r.get(&id) {
+        Ok(Some(rec)) => Json(rec).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "no such recovery").into_response(),
+        Err(e) => recovery_failed(&e),
+    }
+}
+
+async fn delete_recovery(State(st): State<ControlState>, Path(id): Path<String>) -> Response {
+    let r = match recoveries_of(&st) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    match r.delete(&id) {
+        Ok(_) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "id": id, "state": "deleting" })),
+        )
+            .into_response(),
+        Err(e) => recovery_failed(&e),
+    }
 }
 
 /// Options of the object-store maintenance requests.
@@ -282,6 +369,11 @@ pub fn router(st: ControlState) -> Router {
         .route("/api/v1/object/scan", axum::routing::post(object_scan))
         .route("/api/v1/object/prune", axum::routing::post(object_prune))
         .route("/api/v1/object/gc", axum::routing::post(object_gc))
+        .route("/api/v1/recoveries", get(list_recoveries).post(create_recovery))
+        .route(
+            "/api/v1/recoveries/{id}",
+            get(get_recovery).delete(delete_recovery),
+        )
         .route_layer(middleware::from_fn_with_state(st.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))

@@ -11,6 +11,8 @@
 //! | `points` | (host, point) | [`PointRecord`] |
 //! | `manifests` | (host, point) | manifest bytes (`docs/formats.md`) |
 //! | `landed` | (host, disk, offset) | 37 bytes: len u32 LE, kind u8 (0 data, 1 zero), digest |
+//! | `object_points`, `object_manifests` | (host, point) | object-mode index (`objects.rs`) |
+//! | `recoveries` | recovery id | `recovery::RecoveryRecord` (never a secret) |
 
 use std::path::Path;
 use std::sync::Arc;
@@ -30,6 +32,8 @@ const LANDED: TableDefinition<'_, (&str, &str, u64), &[u8]> = TableDefinition::n
 const OBJECT_POINTS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("object_points");
 /// Object mode: (host, point) → the manifest as found in the bucket.
 const OBJECT_MANIFESTS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("object_manifests");
+/// Boot-in-Cloud: recovery id → JSON `recovery::RecoveryRecord`, written after every transition.
+const RECOVERIES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("recoveries");
 
 /// An object-mode point the gateway found in the bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,8 +215,44 @@ impl MetaDb {
         tx.open_table(LANDED)?;
         tx.open_table(OBJECT_POINTS)?;
         tx.open_table(OBJECT_MANIFESTS)?;
+        tx.open_table(RECOVERIES)?;
         tx.commit()?;
         Ok(Self { db: Arc::new(db) })
+    }
+
+    /// Stores a recovery's record (JSON, no secrets).
+    pub fn put_recovery(&self, id: &str, record: &[u8]) -> Result<(), DbError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(RECOVERIES)?.insert(id, record)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A recovery's record.
+    pub fn recovery(&self, id: &str) -> Result<Option<Vec<u8>>, DbError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(RECOVERIES)?;
+        Ok(t.get(id)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Every recovery's record, by id.
+    pub fn recoveries(&self) -> Result<Vec<(String, Vec<u8>)>, DbError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(RECOVERIES)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Forgets a recovery.
+    pub fn delete_recovery(&self, id: &str) -> Result<(), DbError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(RECOVERIES)?.remove(id)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Records an object-mode point and its manifest.

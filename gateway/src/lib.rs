@@ -3,7 +3,9 @@
 //! - [`s3`]: the data plane, the S3 API mapped onto block mode (`docs/protocol.md`).
 //! - [`blockstore`]: volumes, open syncs, landed extents and commits: where the gateway writes
 //!   a volume and makes a recovery point.
-//! - [`provider`]: cloud providers (volumes, snapshots); [`provider::local`] is the default.
+//! - [`provider`]: cloud providers (volumes, snapshots, instances); [`provider::local`] is the
+//!   default.
+//! - [`recovery`]: Boot-in-Cloud orchestration (recoveries into instances).
 //! - [`db`]: the metadata DB (redb).
 //! - [`control`]: REST API, `/healthz`, `/metrics`.
 //! - [`secrets`], [`tls`]: access keys, admin credential, certificate.
@@ -22,6 +24,7 @@ pub mod objects;
 pub mod plan;
 pub mod provider;
 pub mod provision;
+pub mod recovery;
 pub mod s3;
 pub mod secrets;
 pub mod server;

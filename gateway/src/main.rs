@@ -76,6 +76,21 @@ enum Command {
         #[arg(long, default_value = "/etc/tern/gateway.toml")]
         config_out: PathBuf,
     },
+    /// Boot-in-Cloud recoveries on a running gateway configured with [recovery].
+    Recovery {
+        #[command(subcommand)]
+        command: RecoveryCommand,
+        /// The gateway's data directory.
+        #[arg(long, global = true, default_value = "/var/lib/tern-gateway")]
+        data_dir: PathBuf,
+    },
+    /// Carries one connection between stdin/stdout and HOST:PORT (QEMU runs it for each
+    /// connection to an instance's guest forward).
+    #[command(hide = true)]
+    Relay {
+        /// Where to connect.
+        target: String,
+    },
     /// How many gateways a fleet needs and which disks go to which.
     Plan {
         /// A host and its disk count, e.g. `web01=2` (repeat).
@@ -110,6 +125,40 @@ enum ObjectCommand {
         /// Grace period override (e.g. 0s, 10m).
         #[arg(long, value_parser = humantime::parse_duration)]
         grace: Option<std::time::Duration>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RecoveryCommand {
+    /// Recover a host's point into an instance; prints the recovery id.
+    Start {
+        /// Host.
+        #[arg(long)]
+        host: String,
+        /// Point id.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// `block` or `object`.
+        #[arg(long)]
+        mode: String,
+        /// A drill: isolated network.
+        #[arg(long)]
+        drill: bool,
+        /// The point's key file (object mode, encrypted points); sent, never stored.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Every recovery (JSON).
+    List,
+    /// One recovery (JSON).
+    Show {
+        /// Recovery id.
+        id: String,
+    },
+    /// Remove a recovery's instances and volumes.
+    Delete {
+        /// Recovery id.
+        id: String,
     },
 }
 
@@ -369,6 +418,41 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             println!("{out}");
             Ok(())
         }
+        Command::Recovery { command, data_dir } => {
+            let c = ControlClient::from_data_dir(&data_dir)?;
+            let out = match command {
+                RecoveryCommand::Start {
+                    host,
+                    point,
+                    mode,
+                    drill,
+                    key_file,
+                } => {
+                    let key = match key_file {
+                        Some(p) => Some(
+                            std::fs::read_to_string(&p)
+                                .with_context(|| format!("reading {}", p.display()))?,
+                        ),
+                        None => None,
+                    };
+                    let body = serde_json::json!({ "host": host, "point": point, "mode": mode, "drill": drill, "encryption_key": key });
+                    c.call(reqwest::Method::POST, "/api/v1/recoveries", Some(body))
+                        .await?
+                }
+                RecoveryCommand::List => c.call(reqwest::Method::GET, "/api/v1/recoveries", None).await?,
+                RecoveryCommand::Show { id } => {
+                    c.call(reqwest::Method::GET, &format!("/api/v1/recoveries/{id}"), None)
+                        .await?
+                }
+                RecoveryCommand::Delete { id } => {
+                    c.call(reqwest::Method::DELETE, &format!("/api/v1/recoveries/{id}"), None)
+                        .await?
+                }
+            };
+            println!("{out}");
+            Ok(())
+        }
+        Command::Relay { target } => relay(&target),
         Command::Hosts { data_dir } => {
             let c = ControlClient::from_data_dir(&data_dir)?;
             let out = c.call(reqwest::Method::GET, "/api/v1/hosts", None).await?;
@@ -400,6 +484,21 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// stdin → `target` → stdout until both directions end.
+fn relay(target: &str) -> anyhow::Result<()> {
+    let tcp = std::net::TcpStream::connect(target).with_context(|| format!("connecting to {target}"))?;
+    let mut up = tcp.try_clone()?;
+    let to_target = std::thread::spawn(move || {
+        let r = std::io::copy(&mut std::io::stdin().lock(), &mut up);
+        let _ = up.shutdown(std::net::Shutdown::Write);
+        r
+    });
+    std::io::copy(&mut &tcp, &mut std::io::stdout().lock())?;
+    // The target closed: the guest's side ends with it.
+    drop(to_target);
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -20,6 +20,15 @@ pub struct EngineLabel {
     pub engine: String,
 }
 
+/// Labels of the recovery counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecoveryLabel {
+    /// `block` or `object`.
+    pub mode: String,
+    /// `started`, `running` (succeeded), `failed` or `deleted`.
+    pub event: String,
+}
+
 /// Every metric of the gateway.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -39,12 +48,26 @@ pub struct Metrics {
     pub errors: Family<OpLabel, Counter>,
     /// 1 for the I/O engine volumes use.
     pub io_engine: Family<EngineLabel, Gauge>,
+    /// Boot-in-Cloud recoveries by mode and event.
+    pub recoveries: Family<RecoveryLabel, Counter>,
+    /// Recoveries in progress (neither running, failed nor deleted).
+    pub recoveries_active: Gauge,
 }
 
 impl Metrics {
     /// Counts a failed operation.
     pub fn error(&self, op: &str) {
         self.errors.get_or_create(&OpLabel { op: op.to_owned() }).inc();
+    }
+
+    /// Counts a recovery event.
+    pub fn recovery(&self, mode: &str, event: &str) {
+        self.recoveries
+            .get_or_create(&RecoveryLabel {
+                mode: mode.to_owned(),
+                event: event.to_owned(),
+            })
+            .inc();
     }
 
     /// Encodes every metric in the Prometheus text format.
@@ -66,6 +89,16 @@ impl Metrics {
         );
         reg.register("errors", "Failed requests by operation", self.errors.clone());
         reg.register("io_engine", "Block I/O engine in use (1)", self.io_engine.clone());
+        reg.register(
+            "recoveries",
+            "Boot-in-Cloud recoveries by mode and event (started, running, failed, deleted)",
+            self.recoveries.clone(),
+        );
+        reg.register(
+            "recoveries_active",
+            "Boot-in-Cloud recoveries in progress",
+            self.recoveries_active.clone(),
+        );
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &reg);

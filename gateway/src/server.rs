@@ -80,11 +80,17 @@ pub async fn run(
         }
     };
     let metrics = Arc::new(Metrics::default());
-    let provider =
-        Arc::new(LocalProvider::new(dir, config.preallocate).context("starting the local provider")?);
+    let mut local = LocalProvider::new(dir, config.preallocate).context("starting the local provider")?;
+    if let Some(r) = &config.recovery {
+        let mut qemu = r.qemu.clone();
+        // Guest forwards (a drill's way to the object store) run `tern-gateway relay`.
+        qemu.relay = std::env::current_exe().ok();
+        local = local.with_qemu(qemu);
+    }
+    let provider: Arc<dyn crate::provider::CloudProvider> = Arc::new(local);
     let store = BlockStore::new(
         db.clone(),
-        provider,
+        provider.clone(),
         config.io.clone(),
         LandedBatching {
             interval: Duration::from_millis(config.landed_batch_ms),
@@ -112,12 +118,24 @@ pub async fn run(
         }
         None => None,
     };
+    let recoveries = match config.recovery.clone() {
+        Some(c) => {
+            let r = crate::recovery::Recoveries::new(db.clone(), provider.clone(), c, metrics.clone());
+            let resumed = r.resume().context("resuming recoveries")?;
+            if resumed > 0 {
+                info!(resumed, "recoveries resumed");
+            }
+            Some(r)
+        }
+        None => None,
+    };
     let control = router(ControlState {
         store,
         master,
         metrics,
         admin_token_hash: admin_hash,
         objects,
+        recoveries,
     });
 
     // The data plane speaks HTTP/1.1 only: extent bodies are large and travel on parallel

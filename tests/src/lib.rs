@@ -188,6 +188,17 @@ impl Gateway {
 
     /// A control-plane GET with the admin token.
     pub fn control_get(&self, path: &str) -> Result<String> {
+        self.control(reqwest::Method::GET, path, None)
+    }
+
+    /// A control-plane request with the admin token and an optional JSON body (e.g.
+    /// `POST /api/v1/recoveries`); the body of a 2xx answer, else an error with the status.
+    pub fn control(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<String> {
         let token = std::fs::read_to_string(self.dir.join("admin.token"))?
             .trim()
             .to_owned();
@@ -198,7 +209,13 @@ impl Gateway {
             .build()?;
         rt.block_on(async move {
             let c = reqwest::Client::builder().use_preconfigured_tls(tls).build()?;
-            let r = c.get(url).bearer_auth(token).send().await?;
+            let mut req = c.request(method, url).bearer_auth(token);
+            if let Some(b) = body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(&b)?);
+            }
+            let r = req.send().await?;
             let status = r.status();
             let text = r.text().await?;
             if !status.is_success() {
