@@ -2,7 +2,8 @@
 //! repaired natively by `tern-recovery-helper repair --disposable-host`, imported as a volume,
 //! run as an instance (SeaBIOS, virtio-blk with serial `tern-sda`, user network, a config
 //! drive); it comes up with a DHCP address; a new provider on the same directory (a restarted
-//! gateway) finds it running, stops it and deletes it.
+//! gateway) finds it running, stops it and deletes it; the same volume then runs on an isolated
+//! network with a guest forward, as a drill would, and still gets its address.
 //!
 //! Root (the repair uses loop devices and mounts), QEMU, mtools and `TERN_E2E=1`.
 
@@ -67,6 +68,7 @@ fn repaired_fixture_runs_as_a_local_instance_across_a_provider_restart() -> Resu
     let Some(helper) = setup(test) else {
         return Ok(());
     };
+    let bins = helper.parent().context("bin dir")?.to_owned();
     let fixture = vm::fixture_image(SHAPE)?;
     let dir = tempfile::Builder::new()
         .prefix("tern-instances-")
@@ -80,7 +82,10 @@ fn repaired_fixture_runs_as_a_local_instance_across_a_provider_restart() -> Resu
     )?;
     let data = dir.path().join("gateway");
     // The default: auto picks KVM only where a probe VM runs on it (TCG on the CI machine).
-    let settings = QemuSettings::default();
+    let settings = QemuSettings {
+        relay: Some(bins.join("tern-gateway")),
+        ..QemuSettings::default()
+    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let p = LocalProvider::new(&data, false)?.with_qemu(settings.clone());
@@ -165,6 +170,31 @@ fn repaired_fixture_runs_as_a_local_instance_across_a_provider_restart() -> Resu
         p.delete_instance("web-01").await?;
         assert_eq!(p.instance("web-01").await?, None);
         assert!(!instance_dir.exists());
+
+        // The same volume as a drill would run it: an isolated network (DHCP still answers)
+        // whose only way out is a guest forward carried by `tern-gateway relay`.
+        let drill = InstanceSpec {
+            name: "web-01-drill".into(),
+            network: Network::Isolated,
+            guest_forwards: vec![tern_gateway::provider::GuestForward {
+                guest: "10.0.2.100:7480".parse()?,
+                target: "127.0.0.1:9".into(),
+            }],
+            config_drive: vec![],
+            ..spec.clone()
+        };
+        p.create_instance(&drill).await?;
+        p.start_instance("web-01-drill").await?;
+        let md = wait_for_marker(&p, "web-01-drill", BOOT_TIMEOUT).await?;
+        eprintln!("{test}: isolated marker {md:?}");
+        assert!(
+            md.ip4.iter().any(|a| a.starts_with("10.0.2.")),
+            "no DHCP address on the isolated network: {md:?}"
+        );
+        // The config drive (attached to the first, not here) did not move the NIC.
+        assert_eq!(md.ifaces, m.ifaces);
+        p.delete_instance("web-01-drill").await?;
+        assert_eq!(p.list_instances().await?, vec![]);
         // The volume outlives its instance.
         assert!(p.volume("web-01.sda").await?.is_some());
         p.delete_volume("web-01.sda").await?;

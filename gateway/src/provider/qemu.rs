@@ -204,6 +204,10 @@ pub fn qemu_args(
             ),
         ]);
     }
+    push(&["-netdev", &netdev]);
+    push(&["-device", "virtio-net-pci,netdev=net0,romfile="]);
+    // After the NIC: the NIC's PCI address (and so its name in the guest) does not depend on
+    // whether a config drive is attached.
     if config_drive {
         push(&[
             "-drive",
@@ -214,8 +218,6 @@ pub fn qemu_args(
         ]);
         push(&["-device", "virtio-blk-pci,drive=configdrive,serial=config-drive"]);
     }
-    push(&["-netdev", &netdev]);
-    push(&["-device", "virtio-net-pci,netdev=net0,romfile="]);
     Ok(a)
 }
 
@@ -561,6 +563,12 @@ mod tests {
         assert!(
             a.iter()
                 .any(|x| x.contains("config-drive.img") && x.contains("readonly=on"))
+        );
+        let nic = pos(&a, "virtio-net-pci,netdev=net0,romfile=");
+        let drive = pos(&a, "virtio-blk-pci,drive=configdrive,serial=config-drive");
+        assert!(
+            d1 < nic && nic < drive,
+            "the NIC's slot must not depend on the config drive"
         );
         assert!(!a.iter().any(|x| x.contains("pflash")));
         assert_eq!(a[pos(&a, "-netdev") + 1], "user,id=net0");
