@@ -80,8 +80,9 @@ pub struct RecoveryFile {
     pub store_endpoint_for_instances: Option<String>,
     /// Let helpers use plain HTTP to that endpoint. Default false.
     pub allow_http: Option<bool>,
-    /// The SHA-256 (hex) of the store's certificate for helpers to pin, where its name does not
-    /// match the address instances use (e.g. a self-signed store reached at 10.0.2.2).
+    /// The SHA-256 of the store's certificate (`sha256:HEX` or bare hex) for helpers to pin
+    /// instead of trusting `object_store.ca_file`, where the certificate's name does not match
+    /// the address instances use (e.g. a self-signed store reached at 10.0.2.2).
     pub store_fingerprint: Option<String>,
     /// Drills (isolated network): the address inside the instance's network that is forwarded
     /// to the object store (the endpoint's port is kept). Default `10.0.2.100`.
@@ -239,22 +240,30 @@ impl RecoveryFile {
                 if secret.is_empty() {
                     return Err(invalid("recovery.store_secret_file", "is empty"));
                 }
-                let ca_pem = match &o.ca_file {
-                    Some(f) => Some(
+                // A pinned fingerprint replaces the CA (the helper takes one or the other).
+                let fingerprint = match self.store_fingerprint {
+                    Some(f) => {
+                        let text = if f.starts_with("sha256:") {
+                            f
+                        } else {
+                            format!("sha256:{f}")
+                        };
+                        let fp = tern_core::tls::parse_fingerprint(&text).map_err(|_| {
+                            invalid(
+                                "recovery.store_fingerprint",
+                                "is not a SHA-256 in hex (sha256:... or 64 hex digits)",
+                            )
+                        })?;
+                        Some(fp.to_string())
+                    }
+                    None => None,
+                };
+                let ca_pem = match (&o.ca_file, &fingerprint) {
+                    (Some(f), None) => Some(
                         std::fs::read_to_string(f)
                             .map_err(|e| invalid("object_store.ca_file", format!("{}: {e}", f.display())))?,
                     ),
-                    None => None,
-                };
-                let fingerprint = match self.store_fingerprint {
-                    Some(f) => {
-                        let hex: String = f.chars().filter(|c| *c != ':').collect();
-                        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                            return Err(invalid("recovery.store_fingerprint", "is not a SHA-256 in hex"));
-                        }
-                        Some(f)
-                    }
-                    None => None,
+                    _ => None,
                 };
                 Some(HelperStore {
                     fingerprint,

@@ -112,7 +112,13 @@ struct StatusWriter {
 
 impl StatusWriter {
     /// Writes the state; a failure is printed, never fatal (the console line is the truth).
+    /// Not from inside the runtime: use [`Self::put_async`] there.
     fn put(&self, state: State, message: &str) {
+        self.rt.block_on(self.put_async(state, message));
+    }
+
+    /// [`Self::put`] from async code.
+    async fn put_async(&self, state: State, message: &str) {
         let status = Status {
             id: self.id.clone(),
             state,
@@ -124,10 +130,7 @@ impl StatusWriter {
             Err(e) => return say(&format!("failed to encode the status: {e}")),
         };
         let put = self.store.put(&self.key, object_store::PutPayload::from(body));
-        match self
-            .rt
-            .block_on(async { tokio::time::timeout(Duration::from_secs(60), put).await })
-        {
+        match tokio::time::timeout(Duration::from_secs(60), put).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => say(&format!(
                 "failed to write {}: {}",
@@ -392,7 +395,7 @@ fn run_job(job: &Job, args: &JobArgs, watchdog: &Arc<Watchdog>, wait: Duration) 
                 let id = DiskId::new(d.disk.as_str())?;
                 let msg = format!("restoring disk {id} of point {point} to {}", dev.display());
                 say(&msg);
-                status.put(State::Restoring, &msg);
+                status.put_async(State::Restoring, &msg).await;
                 let s = restore_disk(&repo, key.clone(), &manifest, &id, dev, &opts)
                     .await
                     .with_context(|| format!("restoring disk {id} to {}", dev.display()))?;

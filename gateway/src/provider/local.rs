@@ -5,6 +5,7 @@
 //! `<data_dir>/instances/<name>/`; they outlive the gateway, which finds them again at start.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -27,8 +28,9 @@ pub struct LocalProvider {
     qemu: QemuSettings,
     /// `kvm` or `tcg`, chosen at the first start of an instance.
     accel: OnceCell<&'static str>,
-    /// One instance operation at a time (start, stop, delete).
-    lock: tokio::sync::Mutex<()>,
+    /// One operation at a time per instance (create, start, stop, delete); operations on
+    /// different instances run at once (a stop's grace period holds up no other instance).
+    locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// `instance.json`: an instance's definition (never its config drive's content).
@@ -83,7 +85,7 @@ impl LocalProvider {
             preallocate,
             qemu: QemuSettings::default(),
             accel: OnceCell::new(),
-            lock: tokio::sync::Mutex::new(()),
+            locks: std::sync::Mutex::default(),
         })
     }
 
@@ -174,6 +176,15 @@ impl LocalProvider {
             id: name.to_owned(),
         })?;
         Ok((files, rec))
+    }
+
+    /// The lock of one instance's operations.
+    fn instance_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.entry(name.to_owned()).or_default().clone()
     }
 
     /// The file of a volume.
@@ -383,7 +394,8 @@ impl CloudProvider for LocalProvider {
 
     async fn create_instance(&self, spec: &InstanceSpec) -> Result<InstanceInfo, ProviderError> {
         let files = self.files(&spec.name)?;
-        let _g = self.lock.lock().await;
+        let lock = self.instance_lock(&spec.name);
+        let _g = lock.lock().await;
         if let Some(rec) = self.read_record(&files)? {
             return Ok(self.info(&files, rec));
         }
@@ -436,7 +448,8 @@ impl CloudProvider for LocalProvider {
 
     async fn start_instance(&self, name: &str) -> Result<InstanceInfo, ProviderError> {
         let (files, rec) = self.existing_instance(name)?;
-        let _g = self.lock.lock().await;
+        let lock = self.instance_lock(name);
+        let _g = lock.lock().await;
         if qemu::running_pid(&files).is_some() {
             return Ok(self.info(&files, rec));
         }
@@ -489,7 +502,8 @@ impl CloudProvider for LocalProvider {
 
     async fn stop_instance(&self, name: &str, grace: Duration) -> Result<(), ProviderError> {
         let (files, _) = self.existing_instance(name)?;
-        let _g = self.lock.lock().await;
+        let lock = self.instance_lock(name);
+        let _g = lock.lock().await;
         qemu::stop(&files, grace).await?;
         tracing::info!(instance = %name, "instance stopped");
         Ok(())
@@ -520,7 +534,8 @@ impl CloudProvider for LocalProvider {
 
     async fn delete_instance(&self, name: &str) -> Result<(), ProviderError> {
         let (files, _) = self.existing_instance(name)?;
-        let _g = self.lock.lock().await;
+        let lock = self.instance_lock(name);
+        let _g = lock.lock().await;
         qemu::stop(&files, Duration::ZERO).await?;
         std::fs::remove_dir_all(&files.dir).map_err(io("delete instance", name))?;
         tracing::info!(instance = %name, "instance deleted");

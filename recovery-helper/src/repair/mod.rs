@@ -512,6 +512,11 @@ fn repair_in(opts: &RepairOptions, work: &Path, started: Instant) -> Result<Repo
                 .collect()
         };
         for (partition, device) in devs {
+            // devtmpfs makes the nodes of a re-read table as the kernel adds the partitions.
+            let appear = Instant::now() + std::time::Duration::from_secs(5);
+            while !device.exists() && Instant::now() < appear {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
             if !device.exists() {
                 return Err(Error::Check(format!(
                     "{} is missing after partx read the partition table",

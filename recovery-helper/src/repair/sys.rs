@@ -109,7 +109,25 @@ impl AttachedDisk {
     }
 
     /// Makes the kernel's view of the partitions match the table on disk.
+    ///
+    /// A whole disk first gets `BLKRRPART`: its table may have been rewritten since the kernel
+    /// read it (a helper restores a guest over the disk it booted from, whose partitions differ),
+    /// and `partx -u` cannot move a partition's start. Where that fails (a loop device without
+    /// partition scanning, a kernel without parsers, a partition in use) `partx` does the work.
     pub fn rescan(&self) -> Result<(), Error> {
+        if !self.loop_device
+            && let Ok(f) = std::fs::File::open(&self.device)
+        {
+            use std::os::fd::AsRawFd as _;
+            // <linux/fs.h>: _IO(0x12, 95), not in the libc crate. The request's C type differs
+            // between glibc and musl, hence the cast.
+            const BLKRRPART: u32 = 0x125f;
+            // SAFETY: BLKRRPART takes no argument; the descriptor is open for the whole call.
+            let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKRRPART as _) };
+            if rc != 0 {
+                debug!(device = %self.device.display(), error = %std::io::Error::last_os_error(), "BLKRRPART failed; partx only");
+            }
+        }
         // `partx -u` updates what exists and adds what is new; it fails on a disk without any
         // partition table, which is not an error here.
         let out = run_status("partx", [OsStr::new("-u"), self.device.as_os_str()])?;
