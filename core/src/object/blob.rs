@@ -349,11 +349,20 @@ mod tests {
             let key = cipher.map(|c| StoreKey::from_bytes(&[5; 32], c));
             let id = chunk_id(&data, key.as_ref());
             let (blob, _) = encode(&id, &data, key.as_ref(), compress.then_some(1)).unwrap();
-            prop_assert_eq!(decode(&id, &blob, key.as_ref()).unwrap(), data);
+            prop_assert_eq!(&decode(&id, &blob, key.as_ref()).unwrap(), &data);
             let mut flipped = blob.clone();
             let i = bit.index(blob.len() * 8);
             flipped[i / 8] ^= 1 << (i % 8);
-            prop_assert!(decode(&id, &flipped, key.as_ref()).is_err());
+            match decode(&id, &flipped, key.as_ref()) {
+                Err(_) => {}
+                // A zstd frame without AEAD can absorb a flip that changes no output (its window
+                // descriptor, say); the digest check then proves the content is the original.
+                // Sealed blobs are authenticated whole: any flip must fail.
+                Ok(out) => {
+                    prop_assert!(key.is_none() && compress, "a flipped bit {} was accepted", i);
+                    prop_assert_eq!(&out, &data);
+                }
+            }
             let n = cut.index(blob.len());
             prop_assert!(decode(&id, &blob[..n], key.as_ref()).is_err());
         }
