@@ -596,6 +596,27 @@ pub struct Marker {
 impl Marker {
     /// The word that starts the line.
     pub const PREFIX: &'static str = "TERN-FIXTURE-MARKER";
+    /// Fails unless this is what a repaired fixture of `shape` shows on SeaBIOS + virtio
+    /// (KVM-style hardware): booted by BIOS, root on `/dev/vda*`, VMware tools not enabled, a
+    /// DHCP address from QEMU's user network. `log` (the serial log) goes into the message.
+    pub fn check_repaired_bios(&self, shape: &str, log: &str) -> Result<()> {
+        anyhow::ensure!(
+            self.shape == shape,
+            "shape {} is not {shape}: {self:?}",
+            self.shape
+        );
+        anyhow::ensure!(self.boot == BootMode::Bios, "not booted by SeaBIOS: {self:?}");
+        anyhow::ensure!(
+            self.root.as_deref().is_some_and(|r| r.starts_with("/dev/vda")),
+            "root not on the virtio disk: {self:?}"
+        );
+        anyhow::ensure!(self.vmtools != "enabled", "VMware tools still enabled: {self:?}");
+        anyhow::ensure!(
+            self.ip4.iter().any(|a| a.starts_with("10.0.2.")),
+            "no DHCP address: {self:?}\n{log}"
+        );
+        Ok(())
+    }
 
     /// Parses a marker line (anything before [`Marker::PREFIX`] is ignored: a login prompt may
     /// precede it); `None` unless it is a complete, well-formed one.
