@@ -146,9 +146,16 @@ impl ServerCertVerifier for PinnedVerifier {
     }
 }
 
-/// The aws-lc-rs crypto provider.
+/// The aws-lc-rs crypto provider, offering AES-128-GCM first.
+///
+/// TLS 1.3's mandatory suite: 128-bit security, and ten AES rounds instead of fourteen on
+/// every byte of a sync (the gateway follows the client's order). AES-256-GCM and
+/// ChaCha20-Poly1305 stay offered for servers that prefer them.
 pub fn provider() -> CryptoProvider {
-    rustls::crypto::aws_lc_rs::default_provider()
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    p
 }
 
 /// A rustls client configuration that trusts only what `verifier` accepts, speaking HTTP/1.1
@@ -173,6 +180,19 @@ pub fn pinned_client_config(fingerprint: &str) -> Result<rustls::ClientConfig, T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aes_128_gcm_is_offered_first() {
+        let p = provider();
+        assert_eq!(
+            p.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        assert_eq!(
+            p.cipher_suites.len(),
+            rustls::crypto::aws_lc_rs::default_provider().cipher_suites.len()
+        );
+    }
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     use rustls::server::{ClientHello, ResolvesServerCert};
     use rustls::sign::CertifiedKey;

@@ -8,14 +8,24 @@ use std::{fmt, slice};
 /// Alignment of every [`AlignedBuf`].
 pub const ALIGN: usize = 4096;
 
+/// Buffers of at least this many bytes are mapped with `mmap` instead of taken from the heap.
+const MMAP_MIN: usize = 1 << 20;
+
 /// An owned, zero-initialized heap buffer whose start is 4096-aligned (good for O_DIRECT on any
 /// device). Implements `AsRef<[u8]>`, so it can become a `bytes::Bytes` with `Bytes::from_owner`
 /// without a copy.
+///
+/// Large buffers (chunk buffers: 1 MiB and more) are anonymous mappings: the kernel zero-fills
+/// a page only when it is first touched. The heap path would zero every byte up front (an
+/// over-aligned `alloc_zeroed` is `posix_memalign` + `memset`), which cost a tenth of the
+/// agent's CPU in an incremental sync that reads 128 KiB of each 4 MiB chunk buffer.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
     /// Length the buffer was allocated with (the allocation's layout derives from it).
     cap: usize,
+    /// Whether the memory is an anonymous mapping of `cap` bytes (else a heap allocation).
+    mapped: bool,
 }
 
 // SAFETY: `AlignedBuf` uniquely owns its heap allocation, like a `Box<[u8]>`.
@@ -36,12 +46,43 @@ impl AlignedBuf {
         if layout.size() < len {
             alloc::handle_alloc_error(layout);
         }
+        if len >= MMAP_MIN {
+            // SAFETY: a fresh private anonymous mapping: no address hint, no file; the result
+            // is checked against MAP_FAILED before use.
+            let raw = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if raw != libc::MAP_FAILED
+                && let Some(ptr) = NonNull::new(raw.cast::<u8>())
+            {
+                // Mappings are page-aligned (at least ALIGN) and read as zeros.
+                return AlignedBuf {
+                    ptr,
+                    len,
+                    cap: len,
+                    mapped: true,
+                };
+            }
+            alloc::handle_alloc_error(layout);
+        }
         // SAFETY: `layout` has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout)
         };
-        AlignedBuf { ptr, len, cap: len }
+        AlignedBuf {
+            ptr,
+            len,
+            cap: len,
+            mapped: false,
+        }
     }
 
     /// Length in bytes.
@@ -62,6 +103,12 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.mapped {
+            // SAFETY: `ptr` is the start of a mapping of exactly `cap` bytes made in `zeroed`
+            // and owned by `self` alone. A failure can only leak the mapping.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.cap) };
+            return;
+        }
         let layout = Self::layout(self.cap);
         // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout (`cap` never changes).
         unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };

@@ -757,7 +757,7 @@ fn arena_rounds_and_limits() {
 
 #[test]
 fn aligned_buf() {
-    for len in [0, 1, 4096, 5000, 1 << 20] {
+    for len in [0, 1, 4096, 5000, 1 << 20, (4 << 20) + 1] {
         let mut b = AlignedBuf::zeroed(len);
         assert_eq!(b.len(), len);
         assert_eq!(b.is_empty(), len == 0);
