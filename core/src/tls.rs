@@ -180,19 +180,6 @@ pub fn pinned_client_config(fingerprint: &str) -> Result<rustls::ClientConfig, T
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn aes_128_gcm_is_offered_first() {
-        let p = provider();
-        assert_eq!(
-            p.cipher_suites[0].suite(),
-            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
-        );
-        assert_eq!(
-            p.cipher_suites.len(),
-            rustls::crypto::aws_lc_rs::default_provider().cipher_suites.len()
-        );
-    }
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     use rustls::server::{ClientHello, ResolvesServerCert};
     use rustls::sign::CertifiedKey;
@@ -328,5 +315,18 @@ mod tests {
         assert!(parse_fingerprint("ab".repeat(32).as_str()).is_err());
         assert!(parse_fingerprint("sha256:abc").is_err());
         assert!(parse_fingerprint("md5:00").is_err());
+    }
+
+    #[test]
+    fn aes_128_gcm_is_offered_first() {
+        let p = provider();
+        assert_eq!(
+            p.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        assert_eq!(
+            p.cipher_suites.len(),
+            rustls::crypto::aws_lc_rs::default_provider().cipher_suites.len()
+        );
     }
 }

@@ -143,4 +143,44 @@ mod tests {
             0
         );
     }
+
+    /// The agent's client configuration and the data plane's server configuration agree on
+    /// TLS 1.3 with AES-128-GCM: the server follows the client's order.
+    #[test]
+    fn agent_and_gateway_negotiate_aes_128_gcm() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = TlsIdentity::load_or_create(dir.path()).unwrap();
+        let client_config = tern_core::tls::pinned_client_config(&id.fingerprint).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(client_config), name).unwrap();
+        let mut server = rustls::ServerConnection::new(id.server_config(&[b"http/1.1"]).unwrap()).unwrap();
+        for _ in 0..10 {
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+            let mut wire = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut wire).unwrap();
+            }
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                server.read_tls(&mut rd).unwrap();
+            }
+            server.process_new_packets().unwrap();
+            let mut wire = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut wire).unwrap();
+            }
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                client.read_tls(&mut rd).unwrap();
+            }
+            client.process_new_packets().unwrap();
+        }
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        assert_eq!(
+            server.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+    }
 }
