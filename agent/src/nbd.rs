@@ -91,7 +91,7 @@ fn tls_config(opts: &NbdOptions) -> Result<Arc<rustls::ClientConfig>, String> {
             );
         }
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(tern_core::tls::provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

@@ -146,11 +146,12 @@ impl ServerCertVerifier for PinnedVerifier {
     }
 }
 
-/// The aws-lc-rs crypto provider, offering AES-128-GCM first.
+/// The aws-lc-rs crypto provider of every Tern TLS endpoint (agent, gateway, NBD client),
+/// offering AES-128-GCM first.
 ///
 /// TLS 1.3's mandatory suite: 128-bit security, and ten AES rounds instead of fourteen on
-/// every byte of a sync (the gateway follows the client's order). AES-256-GCM and
-/// ChaCha20-Poly1305 stay offered for servers that prefer them.
+/// every byte of a sync. AES-256-GCM and ChaCha20-Poly1305 stay offered for peers that prefer
+/// them.
 pub fn provider() -> CryptoProvider {
     let mut p = rustls::crypto::aws_lc_rs::default_provider();
     p.cipher_suites
@@ -220,8 +221,12 @@ mod tests {
             )))))
     }
 
-    /// Runs a TLS handshake in memory (no network). Returns the client's error, if any.
-    fn handshake(server: rustls::ServerConfig, verifier: Arc<PinnedVerifier>) -> Result<(), rustls::Error> {
+    /// Runs a TLS handshake in memory (no network). Returns the negotiated cipher suite, or
+    /// the client's error.
+    fn handshake(
+        server: rustls::ServerConfig,
+        verifier: Arc<PinnedVerifier>,
+    ) -> Result<Option<rustls::CipherSuite>, rustls::Error> {
         let client_cfg = client_config(verifier).unwrap();
         let name = ServerName::try_from("127.0.0.1").unwrap();
         let mut client = ClientConnection::new(Arc::new(client_cfg), name).unwrap();
@@ -247,7 +252,7 @@ mod tests {
             }
             client.process_new_packets()?;
             if !client.is_handshaking() && !server.is_handshaking() {
-                return Ok(());
+                return Ok(server.negotiated_cipher_suite().map(|s| s.suite()));
             }
         }
         panic!("handshake did not finish");
@@ -261,7 +266,8 @@ mod tests {
         let fb = Fingerprint::of(&b.der);
         assert_ne!(fa, fb);
 
-        handshake(server_config(&a, &a.key), Arc::new(PinnedVerifier::pinned(fa))).unwrap();
+        let suite = handshake(server_config(&a, &a.key), Arc::new(PinnedVerifier::pinned(fa))).unwrap();
+        assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
 
         let v = Arc::new(PinnedVerifier::pinned(fa));
         let err = handshake(server_config(&b, &b.key), v.clone()).unwrap_err();

@@ -80,30 +80,8 @@ impl Arena {
                 reason: format!("an arena of {bytes} bytes is not a positive multiple of 4096"),
             });
         }
-        // SAFETY: an anonymous private mapping at an address of the kernel's choosing; no
-        // existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(IoError::Arena {
-                bytes,
-                source: io::Error::last_os_error(),
-            });
-        }
-        let Some(base) = NonNull::new(ptr.cast::<u8>()) else {
-            return Err(IoError::Arena {
-                bytes,
-                source: io::Error::other("mmap returned a null mapping"),
-            });
-        };
+        let base = map_anonymous(bytes, libc::PROT_READ | libc::PROT_WRITE)
+            .map_err(|source| IoError::Arena { bytes, source })?;
         let nframes = bytes / FRAME;
         let mut frames = FrameAllocator::<ORDER>::new();
         frames.add_frame(FRAME_BASE, FRAME_BASE + nframes);
@@ -404,28 +382,37 @@ impl Drop for IoBuf {
 /// Length of the shared zero region used when zeroing must fall back to writes.
 pub(crate) const ZERO_LEN: usize = 1 << 20;
 
+/// A new private anonymous mapping of `len` bytes with protection `prot`: page-aligned, and
+/// zero-filled by the kernel page by page when first touched. The caller owns it (`munmap`).
+pub(crate) fn map_anonymous(len: usize, prot: libc::c_int) -> io::Result<NonNull<u8>> {
+    // SAFETY: a new anonymous mapping at an address of the kernel's choosing; no existing
+    // memory is affected.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned a null mapping"))
+}
+
 /// A read-only, page-aligned region of [`ZERO_LEN`] zero bytes, mapped once and never unmapped.
 /// Read-only anonymous pages all map the kernel's zero page: it costs no memory.
 pub(crate) fn zeroes() -> io::Result<&'static [u8]> {
     static ZEROES: OnceLock<Result<&'static [u8], i32>> = OnceLock::new();
     let r = ZEROES.get_or_init(|| {
-        // SAFETY: a new anonymous read-only mapping; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ZERO_LEN,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED || ptr.is_null() {
-            return Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::ENOMEM));
-        }
+        let ptr =
+            map_anonymous(ZERO_LEN, libc::PROT_READ).map_err(|e| e.raw_os_error().unwrap_or(libc::ENOMEM))?;
         // SAFETY: the mapping is ZERO_LEN readable bytes, zero-filled, never written (read-only)
         // and never unmapped, so a `'static` shared slice over it is valid.
-        Ok(unsafe { slice::from_raw_parts(ptr.cast::<u8>(), ZERO_LEN) })
+        Ok(unsafe { slice::from_raw_parts(ptr.as_ptr().cast_const(), ZERO_LEN) })
     });
     r.map_err(io::Error::from_raw_os_error)
 }

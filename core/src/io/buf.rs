@@ -5,6 +5,8 @@ use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::{fmt, slice};
 
+use super::arena::map_anonymous;
+
 /// Alignment of every [`AlignedBuf`].
 pub const ALIGN: usize = 4096;
 
@@ -47,30 +49,16 @@ impl AlignedBuf {
             alloc::handle_alloc_error(layout);
         }
         if len >= MMAP_MIN {
-            // SAFETY: a fresh private anonymous mapping: no address hint, no file; the result
-            // is checked against MAP_FAILED before use.
-            let raw = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
+            // Mappings are page-aligned (at least ALIGN) and read as zeros.
+            let Ok(ptr) = map_anonymous(len, libc::PROT_READ | libc::PROT_WRITE) else {
+                alloc::handle_alloc_error(layout)
             };
-            if raw != libc::MAP_FAILED
-                && let Some(ptr) = NonNull::new(raw.cast::<u8>())
-            {
-                // Mappings are page-aligned (at least ALIGN) and read as zeros.
-                return AlignedBuf {
-                    ptr,
-                    len,
-                    cap: len,
-                    mapped: true,
-                };
-            }
-            alloc::handle_alloc_error(layout);
+            return AlignedBuf {
+                ptr,
+                len,
+                cap: len,
+                mapped: true,
+            };
         }
         // SAFETY: `layout` has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
