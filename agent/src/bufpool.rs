@@ -2,7 +2,10 @@
 //!
 //! Every chunk is read into an aligned buffer that then travels to the HTTP client as the body
 //! of its extents. Allocating a fresh 4 MiB buffer per chunk costs page faults and zeroing on
-//! every chunk; the pool hands buffers back when the last extent of a chunk is sent.
+//! every chunk; the pool hands buffers back when the last extent of a chunk is sent. It keeps at
+//! most a fixed number of free buffers: more chunks than that can be in flight when each holds
+//! little data (an incremental reads only the changed ranges), and their extra buffers, of
+//! which only the pages read into were touched, are unmapped when they come back.
 
 use std::sync::{Arc, Mutex};
 
@@ -12,14 +15,16 @@ use tern_core::io::AlignedBuf;
 #[derive(Debug)]
 pub struct BufPool {
     len: usize,
+    max_free: usize,
     free: Mutex<Vec<AlignedBuf>>,
 }
 
 impl BufPool {
-    /// A pool of `len`-byte buffers.
-    pub fn new(len: usize) -> Arc<Self> {
+    /// A pool of `len`-byte buffers that keeps at most `max_free` of them for reuse.
+    pub fn new(len: usize, max_free: usize) -> Arc<Self> {
         Arc::new(Self {
             len,
+            max_free,
             free: Mutex::new(Vec::new()),
         })
     }
@@ -74,7 +79,10 @@ impl AsRef<[u8]> for PooledBuf {
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(b) = self.buf.take() {
-            self.pool.free.lock().unwrap_or_else(|p| p.into_inner()).push(b);
+            let mut free = self.pool.free.lock().unwrap_or_else(|p| p.into_inner());
+            if free.len() < self.pool.max_free {
+                free.push(b);
+            }
         }
     }
 }
@@ -85,7 +93,7 @@ mod tests {
 
     #[test]
     fn buffers_are_reused() {
-        let pool = BufPool::new(8192);
+        let pool = BufPool::new(8192, 1);
         let mut a = pool.get();
         a[0] = 7;
         let ptr = a.as_ptr();
@@ -96,5 +104,8 @@ mod tests {
         assert_eq!(b.len(), 100);
         let c = pool.get();
         assert_ne!(c.as_ptr(), ptr);
+        // Only one is kept: the second one back is freed.
+        drop((b, c));
+        assert_eq!(pool.free.lock().unwrap_or_else(|p| p.into_inner()).len(), 1);
     }
 }

@@ -9,9 +9,11 @@
 //! 4. `GET state` again; per disk choose the baseline (what the volume holds): the local block
 //!    values if they describe the latest point, else that point's manifest (chunk level), else
 //!    zeros when the host has no point. Then `GET landed/{disk}`.
-//! 5. All disks at once, each a pipeline with at most `window` chunks in memory: read (O_DIRECT, holes
+//! 5. All disks at once, each a pipeline with at most `window` chunks' worth of data in memory
+//!    (a chunk counts for the bytes it reads, see [`DiskWork::window_units`]): read (O_DIRECT, holes
 //!    skipped) and hash on the blocking pool, plan ([`crate::plan`]) in order, send the planned
-//!    extents concurrently; the new block values stream to a temporary state file.
+//!    extents concurrently, small ones gathered into batches of one request each (see
+//!    [`Batch`]); the new block values stream to a temporary state file.
 //! 6. Build the manifest, `commit` (retried on transient errors: commit is idempotent), and only
 //!    after it succeeded install the new block values and forget the sync id.
 //!
@@ -25,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use tern_core::changes::{Change, ChangeKind, ChangeMap};
 use tern_core::digest::BlockHasher;
@@ -33,19 +35,17 @@ use tern_core::geometry::{BlockLayout, ChunkGeometry, GeometryError};
 use tern_core::manifest::ManifestError;
 use tern_core::protocol::{LandedExtent, PlannedDisk, SyncPlan};
 use tern_core::{ChunkRef, DiskId, DiskManifest, HostId, Manifest, PointId};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 use crate::bandwidth::Bandwidth;
 use crate::blockstate::{BlockStateError, BlockStateHeader, BlockStateReader, BlockStateWriter, install};
 use crate::disk::{DiskReader, OpenContext, OpenedDisk, SourceOptions, SourceSpec, Tracker};
-use crate::plan::{
-    ChunkBaseline, ChunkPlan, ExtentKind, PlannedExtent, plan_chunk, plan_chunk_with_zero, plan_whole_chunk,
-};
+use crate::plan::{ChunkBaseline, ChunkPlan, ExtentKind, plan_chunk, plan_chunk_with_zero, plan_whole_chunk};
 use crate::source::{READ_ALIGN, SourceError};
 use crate::state::{HostState, StateError};
-use crate::target::{Target, TargetError};
+use crate::target::{BatchBody, BatchExtent, Target, TargetError};
 
 /// One disk to sync.
 #[derive(Debug, Clone)]
@@ -79,7 +79,7 @@ pub struct SyncOptions {
     pub chunk_size: u32,
     /// Compare block size (a power of two, 4 KiB to the chunk size).
     pub block_size: u32,
-    /// Chunks in flight (read, hashed or being sent) per disk: bounds memory.
+    /// Chunks' worth of data in flight (read, hashed or being sent) per disk: bounds memory.
     pub window: usize,
     /// Bandwidth limit in bytes per second.
     pub bwlimit: Option<u64>,
@@ -352,6 +352,23 @@ impl DiskWork {
             }
         }
         self.process_read(index)
+    }
+
+    /// The window units chunk `index` holds while in flight: the bytes it will read (the changed
+    /// ranges when a change tracker lists them, else the whole chunk), in [`WINDOW_UNIT`]s, at
+    /// least one. A chunk whose baseline record turns out damaged is then read whole under its
+    /// smaller share (rare: the state file is checksummed per chunk).
+    fn window_units(&self, index: u64) -> u32 {
+        let len = u64::from(self.geometry.chunk_len(index));
+        let bytes = match &self.changes {
+            Some(changes) if !self.landed.contains_key(&index) => match changes.get(&index) {
+                None => 0,
+                Some(c) if !self.whole_chunks => c.iter().map(Change::len).sum::<u64>().min(len),
+                Some(_) => len,
+            },
+            _ => len,
+        };
+        bytes.div_ceil(WINDOW_UNIT).max(1) as u32
     }
 
     /// The block values of the baseline (the latest point's block-values file) for chunk
@@ -707,6 +724,7 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
                 zeros: vec![0; opts.chunk_size as usize],
                 buffers: crate::bufpool::BufPool::new(
                     u64::from(opts.chunk_size).next_multiple_of(READ_ALIGN) as usize,
+                    opts.window.max(1),
                 ),
                 damaged_warned: AtomicBool::new(false),
             });
@@ -982,28 +1000,75 @@ async fn sync_disk<T: Target>(
     });
 
     let bar = crate::progress::disk_bar(disk.as_str(), geometry.size());
-    let permits = Arc::new(Semaphore::new(window));
+    // The window in units of WINDOW_UNIT bytes. Permits are taken one chunk after the other, in
+    // chunk order, before the chunk is processed: the chunks ahead in the in-order stream always
+    // hold theirs, so the stream cannot stall on later chunks holding the window.
+    let units_per_chunk = u64::from(geometry.chunk_size()).div_ceil(WINDOW_UNIT) as usize;
+    let permits = Arc::new(Semaphore::new(window * units_per_chunk));
+    let in_flight = (window * units_per_chunk).clamp(window, MAX_CHUNKS_IN_FLIGHT.max(window));
     let mut chunks_done = futures::stream::iter(0..geometry.chunk_count())
-        .map(|index| {
+        .then({
             let work = work.clone();
             let permits = permits.clone();
+            move |index| {
+                let units = work.window_units(index);
+                let permits = permits.clone();
+                async move {
+                    let permit = permits
+                        .acquire_many_owned(units)
+                        .await
+                        .expect("the window semaphore is never closed");
+                    (index, permit)
+                }
+            }
+        })
+        .map(|(index, permit)| {
+            let work = work.clone();
             async move {
-                let permit = permits
-                    .acquire_owned()
-                    .await
-                    .expect("the window semaphore is never closed");
                 let done = tokio::task::spawn_blocking(move || work.process(index))
                     .await
                     .map_err(SyncError::Task)??;
                 Ok::<_, SyncError>((done, permit))
             }
         })
-        .buffered(window);
+        .buffered(in_flight)
+        .boxed();
 
     let mut sends: JoinSet<Result<(), SyncError>> = JoinSet::new();
     let mut chunks = Vec::with_capacity(geometry.chunk_count() as usize);
     let mut counters = Counters::default();
-    while let Some(item) = chunks_done.next().await {
+    let max_extents = if target.whole_chunks() { 1 } else { BATCH_EXTENTS };
+    let mut batch = Batch::default();
+    let spawn_batch = |sends: &mut JoinSet<Result<(), SyncError>>, batch: Batch| {
+        let send = send_batch(
+            target.clone(),
+            sync.clone(),
+            disk.clone(),
+            batch,
+            bandwidth.clone(),
+        );
+        sends.spawn(send.in_current_span());
+    };
+    loop {
+        // A batch that is not full waits for more ready chunks only while other sends keep the
+        // connection busy (and will free window permits); otherwise it goes now.
+        let item = if batch.extents.is_empty() {
+            chunks_done.next().await
+        } else if let Some(item) = chunks_done.next().now_or_never() {
+            item
+        } else if sends.len() >= BATCH_WAIT_IN_FLIGHT {
+            tokio::select! {
+                item = chunks_done.next() => item,
+                Some(r) = sends.join_next() => {
+                    r.map_err(SyncError::Task)??;
+                    continue;
+                }
+            }
+        } else {
+            spawn_batch(&mut sends, std::mem::take(&mut batch));
+            continue;
+        };
+        let Some(item) = item else { break };
         let (done, permit) = item?;
         while let Some(r) = sends.try_join_next() {
             r.map_err(SyncError::Task)??;
@@ -1017,27 +1082,39 @@ async fn sync_disk<T: Target>(
             // The writer stopped: its error says why.
             break;
         }
-        if !done.plan.extents.is_empty() {
-            let send = send_chunk(
-                target.clone(),
-                sync.clone(),
-                disk.clone(),
-                range.start,
-                done.data,
-                done.plan.extents,
-                bandwidth.clone(),
-            );
-            sends.spawn(
-                async move {
-                    let r = send.await;
-                    drop(permit);
-                    r
-                }
-                .in_current_span(),
-            );
+        // The chunk's window permit is held until every batch with its extents was sent.
+        let permit = Arc::new(permit);
+        for x in done.plan.extents {
+            let offset = range.start + x.range.start as u64;
+            let body = match x.kind {
+                ExtentKind::Zero => BatchBody::Zero(x.len()),
+                // A chunk without data (all hole) plans only zero extents.
+                ExtentKind::Data(digest) => BatchBody::Data(
+                    match &done.data {
+                        Some(b) => b.slice(x.range.clone()),
+                        None => Bytes::from(vec![0u8; x.range.len()]),
+                    },
+                    digest,
+                ),
+            };
+            let x = BatchExtent { offset, body };
+            // A batch of several extents stays within BATCH_DATA; a larger extent goes alone.
+            if let BatchBody::Data(b, _) = &x.body
+                && !batch.extents.is_empty()
+                && batch.data + b.len() as u64 > BATCH_DATA
+            {
+                spawn_batch(&mut sends, std::mem::take(&mut batch));
+            }
+            batch.push(x, &permit);
+            if batch.extents.len() >= max_extents || batch.data >= BATCH_DATA {
+                spawn_batch(&mut sends, std::mem::take(&mut batch));
+            }
         }
         bar.inc(range.end - range.start);
         bar.set_message(format!("sent {}", crate::units::format_size(counters.bytes_sent)));
+    }
+    if !batch.extents.is_empty() {
+        spawn_batch(&mut sends, batch);
     }
     drop(values_tx);
     while let Some(r) = sends.join_next().await {
@@ -1058,36 +1135,65 @@ async fn sync_disk<T: Target>(
     })
 }
 
-async fn send_chunk<T: Target>(
+/// Unit of window accounting: 64 KiB of chunk data (a chunk is at least 64 KiB).
+const WINDOW_UNIT: u64 = 64 << 10;
+/// Most chunks in flight per disk, however little data each holds.
+const MAX_CHUNKS_IN_FLIGHT: usize = 256;
+
+/// Most extents in one batch request.
+const BATCH_EXTENTS: usize = 64;
+/// Most data bytes in a batch of several extents (within the protocol's `MAX_BATCH_DATA`): a
+/// batch is sent once it holds this much, and an extent that would take it past this goes in
+/// the next one. Larger extents gain nothing from sharing a request (a full chunk goes alone).
+const BATCH_DATA: u64 = 1 << 20;
+const _: () = assert!(BATCH_DATA <= tern_core::protocol::MAX_BATCH_DATA);
+/// A batch that is not full waits for more ready chunks only while this many sends are in
+/// flight.
+const BATCH_WAIT_IN_FLIGHT: usize = 2;
+
+/// Extents of one disk to be sent in one request, in offset order (chunks are planned in order
+/// and a chunk's extents are ordered and disjoint).
+#[derive(Debug, Default)]
+struct Batch {
+    extents: Vec<BatchExtent>,
+    /// Data bytes in `extents`.
+    data: u64,
+    /// The window permits of the chunks the extents come from.
+    permits: Vec<Arc<OwnedSemaphorePermit>>,
+}
+
+impl Batch {
+    fn push(&mut self, x: BatchExtent, permit: &Arc<OwnedSemaphorePermit>) {
+        if let BatchBody::Data(b, _) = &x.body {
+            self.data += b.len() as u64;
+        }
+        self.extents.push(x);
+        if !self.permits.last().is_some_and(|p| Arc::ptr_eq(p, permit)) {
+            self.permits.push(permit.clone());
+        }
+    }
+}
+
+async fn send_batch<T: Target>(
     target: Arc<T>,
     sync: PointId,
     disk: DiskId,
-    chunk_start: u64,
-    data: Option<Bytes>,
-    extents: Vec<PlannedExtent>,
+    batch: Batch,
     bandwidth: Option<Arc<Bandwidth>>,
 ) -> Result<(), SyncError> {
-    for x in extents {
-        let offset = chunk_start + x.range.start as u64;
-        match x.kind {
-            ExtentKind::Zero => {
-                trace!(offset, len = x.len(), "zero extent");
-                target.put_zero(&sync, &disk, offset, x.len()).await?;
-            }
-            ExtentKind::Data(digest) => {
-                // A chunk without data (all hole) plans only zero extents.
-                let body = match &data {
-                    Some(b) => b.slice(x.range.clone()),
-                    None => Bytes::from(vec![0u8; x.range.len()]),
-                };
-                if let Some(b) = &bandwidth {
-                    b.wait(x.len()).await;
-                }
-                trace!(offset, len = x.len(), "extent");
-                target.put_extent(&sync, &disk, offset, body, digest).await?;
-            }
-        }
+    if let Some(b) = &bandwidth
+        && batch.data > 0
+    {
+        b.wait(batch.data).await;
     }
+    trace!(
+        offset = batch.extents.first().map_or(0, |x| x.offset),
+        extents = batch.extents.len(),
+        data = batch.data,
+        "batch"
+    );
+    target.put_batch(&sync, &disk, batch.extents).await?;
+    drop(batch.permits);
     Ok(())
 }
 

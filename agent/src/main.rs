@@ -173,8 +173,9 @@ struct SyncArgs {
     /// Compare block size: a power of two from 4K to the chunk size.
     #[arg(long, default_value = "64K", value_parser = parse_block_size)]
     block_size: u32,
-    /// Chunks in flight per disk (read, hashed or being sent): bounds memory to WINDOW chunks
-    /// per disk (a host's disks are synced at once).
+    /// Chunks' worth of data in flight per disk (read, hashed or being sent): bounds memory to
+    /// about WINDOW chunks per disk (a host's disks are synced at once). A chunk counts for the
+    /// bytes it reads, so an incremental keeps more small reads in flight.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
     window: u32,
     /// Bandwidth limit in bytes per second (K, M, G suffixes), at least 1K.

@@ -161,6 +161,93 @@ pub fn extent_key(sync: &PointId, disk: &DiskId, offset: u64) -> String {
     format!("syncs/{sync}/disks/{disk}/{offset:016x}")
 }
 
+/// The object key of a batch of extents of one disk: `syncs/{sync}/disks/{disk}/batch`. Its
+/// body is a batch table ([`encode_batch_table`]) followed by the bodies of its data extents.
+pub fn batch_key(sync: &PointId, disk: &DiskId) -> String {
+    format!("syncs/{sync}/disks/{disk}/batch")
+}
+
+/// First bytes of a batch body.
+pub const BATCH_MAGIC: [u8; 4] = *b"TBT1";
+/// Length of a batch header: the magic and the extent count (u32 LE).
+pub const BATCH_HEADER_LEN: usize = 8;
+/// Most extents in one batch.
+pub const MAX_BATCH_EXTENTS: usize = 256;
+/// Most data bytes in one batch (the bodies of its data extents together).
+pub const MAX_BATCH_DATA: u64 = 4 << 20;
+
+/// Why a batch table was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("batch body does not start with the batch magic")]
+    Magic,
+    #[error("a batch holds 1 to {MAX_BATCH_EXTENTS} extents, not {0}")]
+    Count(u32),
+    #[error("batch table")]
+    Record(#[from] LandedError),
+    #[error("batch extent {0} is empty, overlaps the one before it or is out of order")]
+    Order(usize),
+    #[error("batch extent {0} carries the reserved unknown-content digest")]
+    Reserved(usize),
+    #[error("batch data is {0} bytes, more than {MAX_BATCH_DATA}")]
+    TooMuchData(u64),
+}
+
+/// Encodes a batch header and table: [`BATCH_MAGIC`], the count (u32 LE), then one 48-byte
+/// landed record per extent, in offset order. The data bodies follow, in table order.
+pub fn encode_batch_table(extents: &[LandedExtent]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BATCH_HEADER_LEN + extents.len() * LANDED_RECORD_LEN);
+    out.extend_from_slice(&BATCH_MAGIC);
+    out.extend_from_slice(&(extents.len() as u32).to_le_bytes());
+    for e in extents {
+        e.encode(&mut out);
+    }
+    out
+}
+
+/// The extent count of a batch header.
+pub fn decode_batch_header(header: &[u8; BATCH_HEADER_LEN]) -> Result<usize, BatchError> {
+    if header[..4] != BATCH_MAGIC {
+        return Err(BatchError::Magic);
+    }
+    let count = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    match usize::try_from(count) {
+        Ok(n) if (1..=MAX_BATCH_EXTENTS).contains(&n) => Ok(n),
+        _ => Err(BatchError::Count(count)),
+    }
+}
+
+/// Decodes and checks a batch table (the records after the header): extents non-empty, in
+/// increasing offset order without overlap, no reserved digest, data within
+/// [`MAX_BATCH_DATA`]. Returns the extents and their total data length.
+pub fn decode_batch_table(bytes: &[u8]) -> Result<(Vec<LandedExtent>, u64), BatchError> {
+    let extents = LandedExtent::decode_all(bytes)?;
+    if extents.is_empty() || extents.len() > MAX_BATCH_EXTENTS {
+        return Err(BatchError::Count(extents.len() as u32));
+    }
+    let mut end = 0u64;
+    let mut data = 0u64;
+    for (i, e) in extents.iter().enumerate() {
+        if e.len == 0 || (i > 0 && e.offset < end) {
+            return Err(BatchError::Order(i));
+        }
+        end = e
+            .offset
+            .checked_add(u64::from(e.len))
+            .ok_or(BatchError::Order(i))?;
+        if let LandedKind::Data(d) = e.kind {
+            if d == UNKNOWN_DIGEST {
+                return Err(BatchError::Reserved(i));
+            }
+            data += u64::from(e.len);
+            if data > MAX_BATCH_DATA {
+                return Err(BatchError::TooMuchData(data));
+            }
+        }
+    }
+    Ok((extents, data))
+}
+
 /// The object key that begins a sync.
 pub fn begin_key(sync: &PointId) -> String {
     format!("syncs/{sync}/begin")
@@ -234,10 +321,97 @@ mod tests {
         );
     }
 
+    fn data(offset: u64, len: u32) -> LandedExtent {
+        LandedExtent {
+            offset,
+            len,
+            kind: LandedKind::Data(Digest::of(&offset.to_le_bytes())),
+        }
+    }
+
+    #[test]
+    fn batch_tables() {
+        let zero = LandedExtent {
+            offset: 1 << 20,
+            len: 8192,
+            kind: LandedKind::Zero,
+        };
+        let v = vec![data(0, 4096), data(4096, 65536), zero, data(4 << 20, 4096)];
+        let b = encode_batch_table(&v);
+        let header: [u8; BATCH_HEADER_LEN] = b[..BATCH_HEADER_LEN].try_into().unwrap();
+        assert_eq!(decode_batch_header(&header).unwrap(), 4);
+        assert_eq!(
+            decode_batch_table(&b[BATCH_HEADER_LEN..]).unwrap(),
+            (v.clone(), 4096 + 65536 + 4096)
+        );
+        // Refusals: wrong magic, no or too many extents, overlap, disorder, empty, reserved
+        // digest, too much data.
+        let mut bad = header;
+        bad[0] = b'X';
+        assert!(matches!(decode_batch_header(&bad), Err(BatchError::Magic)));
+        for n in [0u32, 257, u32::MAX] {
+            let mut h = header;
+            h[4..].copy_from_slice(&n.to_le_bytes());
+            assert!(matches!(decode_batch_header(&h), Err(BatchError::Count(_))));
+        }
+        let table = |v: &[LandedExtent]| encode_batch_table(v)[BATCH_HEADER_LEN..].to_vec();
+        assert!(matches!(decode_batch_table(&[]), Err(BatchError::Count(0))));
+        let overlap = [data(0, 8192), data(4096, 4096)];
+        assert!(matches!(
+            decode_batch_table(&table(&overlap)),
+            Err(BatchError::Order(1))
+        ));
+        let disorder = [data(8192, 4096), data(0, 4096)];
+        assert!(matches!(
+            decode_batch_table(&table(&disorder)),
+            Err(BatchError::Order(1))
+        ));
+        assert!(matches!(
+            decode_batch_table(&table(&[data(0, 0)])),
+            Err(BatchError::Order(0))
+        ));
+        let wrap = [data(u64::MAX - 4095, 8192)];
+        assert!(matches!(
+            decode_batch_table(&table(&wrap)),
+            Err(BatchError::Order(0))
+        ));
+        let reserved = [LandedExtent {
+            offset: 0,
+            len: 4096,
+            kind: LandedKind::Data(UNKNOWN_DIGEST),
+        }];
+        assert!(matches!(
+            decode_batch_table(&table(&reserved)),
+            Err(BatchError::Reserved(0))
+        ));
+        let big = [data(0, 4 << 20), data(4 << 20, 4096)];
+        assert!(matches!(
+            decode_batch_table(&table(&big)),
+            Err(BatchError::TooMuchData(_))
+        ));
+        assert!(matches!(
+            decode_batch_table(&table(&v)[..47]),
+            Err(BatchError::Record(_))
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn batch_tables_decode_only_what_encodes_back(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            if let Ok((extents, _)) = decode_batch_table(&bytes) {
+                proptest::prop_assert_eq!(&encode_batch_table(&extents)[BATCH_HEADER_LEN..], &bytes[..]);
+            }
+            if let Ok(h) = <[u8; BATCH_HEADER_LEN]>::try_from(bytes.get(..BATCH_HEADER_LEN).unwrap_or(&[])) {
+                let _ = decode_batch_header(&h);
+            }
+        }
+    }
+
     #[test]
     fn keys() {
         let s = PointId::new("p1").unwrap();
         let d = DiskId::new("sda").unwrap();
         assert_eq!(extent_key(&s, &d, 4096), "syncs/p1/disks/sda/0000000000001000");
+        assert_eq!(batch_key(&s, &d), "syncs/p1/disks/sda/batch");
     }
 }

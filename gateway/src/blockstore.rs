@@ -77,8 +77,8 @@ struct HostRuntime {
 enum LandedMsg {
     /// A write completed: record it once its volume is fdatasynced (batched).
     Record(LandedRecord, Arc<Volume>),
-    /// A write is about to start: record it as unknown content, durably, before it starts.
-    Intent(LandedRecord, oneshot::Sender<Result<(), String>>),
+    /// Writes are about to start: record them as unknown content, durably, before they start.
+    Intent(Vec<LandedRecord>, oneshot::Sender<Result<(), String>>),
     /// Make everything queued so far durable and recorded.
     Flush(oneshot::Sender<Result<(), String>>),
 }
@@ -122,6 +122,30 @@ pub struct ExtentTarget {
     volume: Arc<Volume>,
     /// The buffer to fill, exactly the extent's length.
     pub buf: IoBuf,
+}
+
+/// A batch of extents of one disk being received: the caller fills the buffers of its data
+/// extents from the network and checks their digests before [`BlockStore::write_batch`].
+#[derive(Debug)]
+pub struct BatchTarget {
+    host: Arc<HostRuntime>,
+    sync: PointId,
+    disk: DiskId,
+    volume: Arc<Volume>,
+    /// The extents, in offset order.
+    extents: Vec<LandedExtent>,
+    /// One buffer per data extent, in the order of `extents`, each exactly its length.
+    pub bufs: Vec<IoBuf>,
+}
+
+impl BatchTarget {
+    /// The digests the data extents must have, in the order of `bufs`.
+    pub fn digests(&self) -> impl Iterator<Item = Digest> + '_ {
+        self.extents.iter().filter_map(|e| match e.kind {
+            LandedKind::Data(d) => Some(d),
+            LandedKind::Zero => None,
+        })
+    }
 }
 
 impl BlockStore {
@@ -307,29 +331,31 @@ impl BlockStore {
             .ok_or_else(|| BlockError::InvalidArgument(format!("disk {disk} is not in sync {sync}")))
     }
 
-    /// Checks an extent against the open sync and returns its disk's volume. Takes the host's
-    /// lock exclusively only the first time a volume is opened.
+    /// Checks extents (`(offset, len)`) against the open sync and returns their disk's volume.
+    /// Takes the host's lock exclusively only the first time a volume is opened.
     async fn extent_volume(
         &self,
         h: &HostRuntime,
         sync: &PointId,
         disk: &DiskId,
-        offset: u64,
-        len: u64,
+        extents: &[(u64, u64)],
     ) -> Result<Arc<Volume>, BlockError> {
+        let check = |rec: &HostRecord| -> Result<(), BlockError> {
+            let g = Self::planned(rec, sync, disk)?.geometry;
+            for &(offset, len) in extents {
+                g.check_extent(offset, len)?;
+            }
+            Ok(())
+        };
         {
             let inner = h.inner.read().await;
-            Self::planned(&inner.rec, sync, disk)?
-                .geometry
-                .check_extent(offset, len)?;
+            check(&inner.rec)?;
             if let Some(v) = inner.volumes.get(disk) {
                 return Ok(v.clone());
             }
         }
         let mut inner = h.inner.write().await;
-        Self::planned(&inner.rec, sync, disk)?
-            .geometry
-            .check_extent(offset, len)?;
+        check(&inner.rec)?;
         self.volume(&mut inner, disk).await
     }
 
@@ -344,7 +370,7 @@ impl BlockStore {
         len: u64,
     ) -> Result<ExtentTarget, BlockError> {
         let h = self.host(host)?;
-        let volume = self.extent_volume(&h, sync, disk, offset, len).await?;
+        let volume = self.extent_volume(&h, sync, disk, &[(offset, len)]).await?;
         let buf = volume.alloc(len as usize).await?;
         Ok(ExtentTarget {
             host: h,
@@ -362,7 +388,7 @@ impl BlockStore {
         // The sync may have been replaced while the body was received.
         Self::planned(&inner.rec, &t.sync, &t.disk)?;
         let len = t.buf.len() as u32;
-        self.intent(&t.host.id, &t.disk, t.offset, len).await?;
+        self.intent(&t.host.id, &t.disk, &[(t.offset, len)]).await?;
         t.volume.write_at(t.buf, t.offset).await?;
         self.metrics.bytes_in.inc_by(u64::from(len));
         self.metrics.extents.inc();
@@ -378,6 +404,76 @@ impl BlockStore {
         )
     }
 
+    /// Checks a batch (extents decoded by `tern_core::protocol::decode_batch_table`: ordered,
+    /// not overlapping) and returns buffers for its data extents, taken together so that a
+    /// batch never holds buffer memory while it waits for more. Waits for buffer memory
+    /// (backpressure).
+    pub async fn prepare_batch(
+        &self,
+        host: &HostId,
+        sync: &PointId,
+        disk: &DiskId,
+        extents: Vec<LandedExtent>,
+    ) -> Result<BatchTarget, BlockError> {
+        let h = self.host(host)?;
+        let ranges: Vec<(u64, u64)> = extents.iter().map(|e| (e.offset, u64::from(e.len))).collect();
+        let volume = self.extent_volume(&h, sync, disk, &ranges).await?;
+        let lens: Vec<usize> = extents
+            .iter()
+            .filter(|e| matches!(e.kind, LandedKind::Data(_)))
+            .map(|e| e.len as usize)
+            .collect();
+        let bufs = volume.alloc_many(&lens).await?;
+        Ok(BatchTarget {
+            host: h,
+            sync: sync.clone(),
+            disk: disk.clone(),
+            volume,
+            extents,
+            bufs,
+        })
+    }
+
+    /// Writes a received batch whose data extents were all digest-checked: one durable intent
+    /// for all its extents, then its writes at once, then their landed records.
+    pub async fn write_batch(&self, t: BatchTarget) -> Result<(), BlockError> {
+        let inner = t.host.inner.read().await;
+        // The sync may have been replaced while the body was received.
+        Self::planned(&inner.rec, &t.sync, &t.disk)?;
+        let ranges: Vec<(u64, u32)> = t.extents.iter().map(|e| (e.offset, e.len)).collect();
+        self.intent(&t.host.id, &t.disk, &ranges).await?;
+        let mut bufs = t.bufs.into_iter();
+        let mut writes = Vec::with_capacity(t.extents.len());
+        for e in &t.extents {
+            let volume = &t.volume;
+            let buf = match e.kind {
+                LandedKind::Data(_) => bufs.next(),
+                LandedKind::Zero => None,
+            };
+            writes.push(async move {
+                match buf {
+                    Some(buf) => volume.write_at(buf, e.offset).await.map(drop),
+                    None => volume.write_zeroes(e.offset, u64::from(e.len)).await,
+                }
+            });
+        }
+        futures::future::try_join_all(writes).await?;
+        for e in &t.extents {
+            match e.kind {
+                LandedKind::Data(_) => {
+                    self.metrics.bytes_in.inc_by(u64::from(e.len));
+                    self.metrics.extents.inc();
+                }
+                LandedKind::Zero => {
+                    self.metrics.zero_extents.inc();
+                }
+            }
+            self.queue_landed(&t.host.id, &t.disk, *e, t.volume.clone())?;
+        }
+        self.metrics.extent_batches.inc();
+        Ok(())
+    }
+
     /// Applies a zero extent.
     pub async fn zero_extent(
         &self,
@@ -388,10 +484,10 @@ impl BlockStore {
         len: u64,
     ) -> Result<(), BlockError> {
         let h = self.host(host)?;
-        let volume = self.extent_volume(&h, sync, disk, offset, len).await?;
+        let volume = self.extent_volume(&h, sync, disk, &[(offset, len)]).await?;
         let inner = h.inner.read().await;
         Self::planned(&inner.rec, sync, disk)?;
-        self.intent(host, disk, offset, len as u32).await?;
+        self.intent(host, disk, &[(offset, len as u32)]).await?;
         volume.write_zeroes(offset, len).await?;
         self.metrics.zero_extents.inc();
         self.queue_landed(
@@ -423,22 +519,25 @@ impl BlockStore {
             .map_err(|_| BlockError::ShuttingDown)
     }
 
-    /// Durably records `offset..offset+len` as written with unknown content before the write
-    /// starts (group-committed with other intents), so that a crash between the write and its
+    /// Durably records each `(offset, len)` as written with unknown content before the writes
+    /// start (group-committed with other intents), so that a crash between a write and its
     /// batched record cannot leave the range unrecorded.
-    async fn intent(&self, host: &HostId, disk: &DiskId, offset: u64, len: u32) -> Result<(), BlockError> {
-        let rec = LandedRecord {
-            host: host.clone(),
-            disk: disk.clone(),
-            extent: LandedExtent {
-                offset,
-                len,
-                kind: LandedKind::Data(UNKNOWN_DIGEST),
-            },
-        };
+    async fn intent(&self, host: &HostId, disk: &DiskId, ranges: &[(u64, u32)]) -> Result<(), BlockError> {
+        let recs = ranges
+            .iter()
+            .map(|&(offset, len)| LandedRecord {
+                host: host.clone(),
+                disk: disk.clone(),
+                extent: LandedExtent {
+                    offset,
+                    len,
+                    kind: LandedKind::Data(UNKNOWN_DIGEST),
+                },
+            })
+            .collect();
         let (tx, rx) = oneshot::channel();
         self.landed_tx
-            .send(LandedMsgBox(LandedMsg::Intent(rec, tx)))
+            .send(LandedMsgBox(LandedMsg::Intent(recs, tx)))
             .map_err(|_| BlockError::ShuttingDown)?;
         rx.await
             .map_err(|_| BlockError::ShuttingDown)?
@@ -688,22 +787,24 @@ impl LandedQueue {
                 self.pending.push(r);
                 self.pending.len() >= max
             }
-            LandedMsg::Intent(r, w) => {
-                // An intent is recorded on its own, without waiting for the data of pending
+            LandedMsg::Intent(rs, w) => {
+                // Intents are recorded on their own, without waiting for the data of pending
                 // records, unless a pending record of an overlapping range would then be
-                // recorded after it and hide it: then everything is flushed in order.
-                let overlaps = self.pending.iter().any(|p| {
-                    p.host == r.host
-                        && p.disk == r.disk
-                        && p.extent.offset < r.extent.offset + u64::from(r.extent.len)
-                        && r.extent.offset < p.extent.offset + u64::from(p.extent.len)
+                // recorded after one and hide it: then everything is flushed in order.
+                let overlaps = rs.iter().any(|r| {
+                    self.pending.iter().any(|p| {
+                        p.host == r.host
+                            && p.disk == r.disk
+                            && p.extent.offset < r.extent.offset + u64::from(r.extent.len)
+                            && r.extent.offset < p.extent.offset + u64::from(p.extent.len)
+                    })
                 });
                 if overlaps {
-                    self.pending.push(r);
+                    self.pending.extend(rs);
                     self.waiters.push(w);
                     true
                 } else {
-                    self.intents.push(r);
+                    self.intents.extend(rs);
                     self.intent_waiters.push(w);
                     false
                 }

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub extents: Counter,
     /// Zero extents applied.
     pub zero_extents: Counter,
+    /// Extent batches written (their extents also count in `extents` and `zero_extents`).
+    pub extent_batches: Counter,
     /// Syncs begun.
     pub syncs_begun: Counter,
     /// Recovery points committed.
@@ -80,6 +82,11 @@ impl Metrics {
         );
         reg.register("extents", "Data extents written", self.extents.clone());
         reg.register("zero_extents", "Zero extents applied", self.zero_extents.clone());
+        reg.register(
+            "extent_batches",
+            "Extent batches written (their extents count in extents and zero_extents too)",
+            self.extent_batches.clone(),
+        );
         reg.register("syncs_begun", "Syncs begun", self.syncs_begun.clone());
         reg.register("commits", "Recovery points committed", self.commits.clone());
         reg.register(

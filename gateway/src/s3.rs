@@ -14,7 +14,10 @@ use s3s::dto::{
     PutObjectInput, PutObjectOutput, StreamingBlob, Timestamp,
 };
 use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
-use tern_core::protocol::{DIGEST_META, STATE_KEY, SyncPlan, ZERO_META};
+use tern_core::protocol::{
+    BATCH_HEADER_LEN, DIGEST_META, LANDED_RECORD_LEN, STATE_KEY, SyncPlan, ZERO_META, decode_batch_header,
+    decode_batch_table,
+};
 use tern_core::{Digest, DiskId, HostId, PointId, error_chain};
 use tracing::{debug, warn};
 
@@ -40,6 +43,10 @@ enum Key {
         disk: DiskId,
         offset: u64,
     },
+    Batch {
+        sync: PointId,
+        disk: DiskId,
+    },
     Commit(PointId),
     Landed(DiskId),
     Point(PointId),
@@ -54,6 +61,10 @@ fn parse_key(key: &str) -> Result<Key, S3Error> {
         [STATE_KEY] => Key::State,
         ["syncs", s, "begin"] => Key::Begin(point(s)?),
         ["syncs", s, "commit"] => Key::Commit(point(s)?),
+        ["syncs", s, "disks", d, "batch"] => Key::Batch {
+            sync: point(s)?,
+            disk: disk(d)?,
+        },
         ["syncs", s, "disks", d, off] => {
             if off.len() != 16 {
                 return Err(bad());
@@ -160,33 +171,127 @@ impl DataPlane {
                 ))
             })?;
         let mut target = self.store.prepare_extent(host, &sync, &disk, offset, len).await?;
+        let mut body = Body::new(input.body, len);
+        body.fill_checked(&mut target.buf, digest).await?;
+        body.finish().await?;
+        self.store.write_extent(target, digest).await?;
+        Ok(digest.to_hex())
+    }
+
+    /// `PUT syncs/{sync}/disks/{disk}/batch`: the table is read and checked first, then every
+    /// data body is received and digest-checked, and only then is anything written.
+    async fn put_batch(
+        &self,
+        host: &HostId,
+        sync: PointId,
+        disk: DiskId,
+        input: PutObjectInput,
+        headers: &http::HeaderMap,
+    ) -> Result<String, BlockError> {
+        let len = body_len(input.content_length, headers, input.body.as_ref())?;
+        let mut body = Body::new(input.body, len);
+        let refused = |e: tern_core::protocol::BatchError| {
+            BlockError::InvalidArgument(format!("batch refused: {}", error_chain(&e)))
+        };
+        let mut header = [0u8; BATCH_HEADER_LEN];
+        body.fill(&mut header, None).await?;
+        let count = decode_batch_header(&header).map_err(refused)?;
+        let table_len = count * LANDED_RECORD_LEN;
+        if len < (BATCH_HEADER_LEN + table_len) as u64 {
+            return Err(BlockError::InvalidArgument(format!(
+                "Content-Length {len} is shorter than the table of {count} extents"
+            )));
+        }
+        let mut table = vec![0u8; table_len];
         let mut hasher = blake3::Hasher::new();
-        let mut got = 0usize;
-        if let Some(mut body) = input.body {
-            loop {
-                let next = tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next())
-                    .await
-                    .map_err(|_| BlockError::Incomplete {
-                        got: got as u64,
-                        expected: len,
-                    })?;
-                let Some(piece) = next else { break };
-                let piece: Bytes = piece.map_err(BlockError::Body)?;
-                let end = got + piece.len();
-                if end as u64 > len {
-                    return Err(BlockError::TooLarge(len));
-                }
-                target.buf[got..end].copy_from_slice(&piece);
-                hasher.update(&piece);
-                got = end;
+        body.fill(&mut table, Some(&mut hasher)).await?;
+        let (extents, data_len) = decode_batch_table(&table).map_err(refused)?;
+        if len != (BATCH_HEADER_LEN + table_len) as u64 + data_len {
+            return Err(BlockError::InvalidArgument(format!(
+                "Content-Length {len} does not match the batch: {BATCH_HEADER_LEN} + {table_len} bytes of table and {data_len} bytes of data"
+            )));
+        }
+        let mut target = self.store.prepare_batch(host, &sync, &disk, extents).await?;
+        let digests: Vec<Digest> = target.digests().collect();
+        for (buf, digest) in target.bufs.iter_mut().zip(digests) {
+            body.fill_checked(buf, digest).await?;
+        }
+        body.finish().await?;
+        self.store.write_batch(target).await?;
+        Ok(hasher.finalize().to_hex().to_string())
+    }
+}
+
+/// A request body read in exact pieces, bounded by its announced length, with an idle timeout.
+struct Body {
+    stream: Option<StreamingBlob>,
+    /// Received and not yet consumed.
+    rest: Bytes,
+    /// Bytes received so far.
+    got: u64,
+    /// The announced length.
+    len: u64,
+}
+
+impl Body {
+    fn new(stream: Option<StreamingBlob>, len: u64) -> Self {
+        Self {
+            stream,
+            rest: Bytes::new(),
+            got: 0,
+            len,
+        }
+    }
+
+    /// The next piece from the network, `None` at its end.
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, BlockError> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(None);
+        };
+        let next = tokio::time::timeout(BODY_IDLE_TIMEOUT, stream.next())
+            .await
+            .map_err(|_| BlockError::Incomplete {
+                got: self.got,
+                expected: self.len,
+            })?;
+        let Some(piece) = next else { return Ok(None) };
+        let piece: Bytes = piece.map_err(BlockError::Body)?;
+        self.got += piece.len() as u64;
+        if self.got > self.len {
+            return Err(BlockError::TooLarge(self.len));
+        }
+        Ok(Some(piece))
+    }
+
+    /// Fills all of `dst`, feeding `hasher` with the bytes.
+    async fn fill(
+        &mut self,
+        dst: &mut [u8],
+        mut hasher: Option<&mut blake3::Hasher>,
+    ) -> Result<(), BlockError> {
+        let mut at = 0;
+        while at < dst.len() {
+            if self.rest.is_empty() {
+                self.rest = self.next_piece().await?.ok_or(BlockError::Incomplete {
+                    got: self.got,
+                    expected: self.len,
+                })?;
+                continue;
             }
+            let piece = self.rest.split_to(self.rest.len().min(dst.len() - at));
+            dst[at..at + piece.len()].copy_from_slice(&piece);
+            if let Some(h) = hasher.as_deref_mut() {
+                h.update(&piece);
+            }
+            at += piece.len();
         }
-        if got as u64 != len {
-            return Err(BlockError::Incomplete {
-                got: got as u64,
-                expected: len,
-            });
-        }
+        Ok(())
+    }
+
+    /// Fills all of `dst` and checks that its BLAKE3 is `digest`.
+    async fn fill_checked(&mut self, dst: &mut [u8], digest: Digest) -> Result<(), BlockError> {
+        let mut hasher = blake3::Hasher::new();
+        self.fill(dst, Some(&mut hasher)).await?;
         let actual = Digest(*hasher.finalize().as_bytes());
         if actual != digest {
             return Err(BlockError::BadDigest {
@@ -194,8 +299,26 @@ impl DataPlane {
                 actual,
             });
         }
-        self.store.write_extent(target, digest).await?;
-        Ok(digest.to_hex())
+        Ok(())
+    }
+
+    /// Checks that the body ends here.
+    async fn finish(&mut self) -> Result<(), BlockError> {
+        if !self.rest.is_empty() {
+            return Err(BlockError::TooLarge(self.len));
+        }
+        while let Some(piece) = self.next_piece().await? {
+            if !piece.is_empty() {
+                return Err(BlockError::TooLarge(self.len));
+            }
+        }
+        if self.got != self.len {
+            return Err(BlockError::Incomplete {
+                got: self.got,
+                expected: self.len,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -271,6 +394,10 @@ impl S3 for DataPlane {
                 .put_extent(&host, (sync, disk, offset), req.input, &req.headers)
                 .await
                 .map_err(|e| s3_err("extent", &self.metrics, e))?,
+            Key::Batch { sync, disk } => self
+                .put_batch(&host, sync, disk, req.input, &req.headers)
+                .await
+                .map_err(|e| s3_err("batch", &self.metrics, e))?,
             Key::Begin(sync) => {
                 let body = read_small_body(req.input.body, MAX_PLAN_LEN).await?;
                 let plan: SyncPlan = serde_json::from_slice(&body)
@@ -482,6 +609,13 @@ mod tests {
                 sync: PointId::new("p1").unwrap(),
                 disk: DiskId::new("sda").unwrap(),
                 offset: 4096
+            }
+        );
+        assert_eq!(
+            parse_key("syncs/p1/disks/sda/batch").unwrap(),
+            Key::Batch {
+                sync: PointId::new("p1").unwrap(),
+                disk: DiskId::new("sda").unwrap(),
             }
         );
         assert!(parse_key("syncs/p1/disks/sda/1000").is_err());

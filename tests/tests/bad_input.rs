@@ -25,9 +25,10 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::signer::Signer;
 use rand::RngCore;
 use tern_agent::target::gateway::{GatewayConfig, GatewayTarget, Secret};
-use tern_agent::target::{ErrorKind, Target, TargetError};
+use tern_agent::target::{BatchBody, BatchExtent, ErrorKind, Target, TargetError};
 use tern_core::protocol::{
-    DIGEST_HEADER, LandedExtent, LandedKind, PlannedDisk, SyncPlan, commit_key, extent_key,
+    DIGEST_HEADER, LandedExtent, LandedKind, PlannedDisk, SyncPlan, batch_key, commit_key,
+    encode_batch_table, extent_key,
 };
 use tern_core::{ChunkGeometry, ChunkRef, Digest, DiskId, HostId, PointId};
 use tern_tests::{Gateway, Key, e2e, make_disk, rng, run_ok, sha256_file, write_random};
@@ -574,7 +575,12 @@ async fn wrong_digest(b: &Bench) -> Result<()> {
 
 /// A presigned extent PUT at `offset` with `headers` (plus `Content-Length`) and `body`.
 async fn raw_extent(b: &Bench, offset: u64, headers: &[(&str, String)], body: &[u8]) -> Result<S3Reply> {
-    let url = b.presigned_put(&b.extent_key(offset)).await?;
+    raw_put(b, &b.extent_key(offset), headers, body).await
+}
+
+/// A presigned PUT of `key` with `headers` (plus `Content-Length`) and `body`.
+async fn raw_put(b: &Bench, key: &str, headers: &[(&str, String)], body: &[u8]) -> Result<S3Reply> {
+    let url = b.presigned_put(key).await?;
     let mut all = vec![("content-length", body.len().to_string())];
     all.extend_from_slice(headers);
     b.raw.reply(&b.raw.put_head(&url, &all), body).await
@@ -665,6 +671,88 @@ async fn zero_sync_not_open(b: &Bench) -> Result<()> {
         &["InvalidRequest"],
         &["never-begun", "not open"],
     )
+}
+
+// ---- batches ----
+
+/// A data extent of fresh bytes at `offset`, with its digest.
+fn batch_data(offset: u64, len: usize) -> BatchExtent {
+    let body = Bytes::from(fresh(len));
+    let digest = Digest::of(&body);
+    BatchExtent {
+        offset,
+        body: BatchBody::Data(body, digest),
+    }
+}
+
+async fn put_batch(b: &Bench, extents: Vec<BatchExtent>) -> Result<S3Reply> {
+    refusal(b.target.put_batch(&b.sync, &b.disk, extents).await)
+}
+
+/// Two good extents and a zero extent, then one whose body does not match its digest: the
+/// whole batch is refused, the good ones included.
+async fn batch_wrong_digest(b: &Bench) -> Result<()> {
+    let digest = Digest::of(b"something else");
+    let bad = BatchExtent {
+        offset: 2 * CHUNK + 65536,
+        body: BatchBody::Data(Bytes::from(fresh(4096)), digest),
+    };
+    let zero = BatchExtent {
+        offset: CHUNK + 65536,
+        body: BatchBody::Zero(8192),
+    };
+    put_batch(
+        b,
+        vec![
+            batch_data(CHUNK + 8192, 8192),
+            zero,
+            batch_data(2 * CHUNK, 65536),
+            bad,
+        ],
+    )
+    .await?
+    .expect(400, &["BadDigest"], &["digest", &digest.to_hex()])
+}
+
+async fn batch_overlapping(b: &Bench) -> Result<()> {
+    put_batch(b, vec![batch_data(CHUNK, 8192), batch_data(CHUNK + 4096, 4096)])
+        .await?
+        .expect(400, &["InvalidArgument"], &["batch refused", "overlaps"])
+}
+
+async fn batch_past_the_end(b: &Bench) -> Result<()> {
+    put_batch(b, vec![batch_data(CHUNK, 4096), batch_data(SIZE, 4096)])
+        .await?
+        .expect(400, &["InvalidArgument"], &["past the disk's end"])
+}
+
+/// A table of two 4 KiB data extents followed by one body only, with a `Content-Length` that
+/// matches what is sent.
+async fn batch_table_lies(b: &Bench) -> Result<()> {
+    let one = fresh(4096);
+    let table = encode_batch_table(&[
+        LandedExtent {
+            offset: CHUNK,
+            len: 4096,
+            kind: LandedKind::Data(Digest::of(&one)),
+        },
+        LandedExtent {
+            offset: CHUNK + 4096,
+            len: 4096,
+            kind: LandedKind::Data(Digest::of(&one)),
+        },
+    ]);
+    let mut body = table;
+    body.extend_from_slice(&one);
+    raw_put(b, &batch_key(&b.sync, &b.disk), &[], &body)
+        .await?
+        .expect(400, &["InvalidArgument"], &["Content-Length", "does not match"])
+}
+
+async fn batch_bad_magic(b: &Bench) -> Result<()> {
+    raw_put(b, &batch_key(&b.sync, &b.disk), &[], &fresh(4096 + 56))
+        .await?
+        .expect(400, &["InvalidArgument"], &["batch refused", "magic"])
 }
 
 // ---- body length ----
@@ -852,6 +940,19 @@ fn bad_requests_are_refused_write_nothing_and_the_gateway_keeps_serving() -> Res
         "zero extent for a sync that is not open",
         zero_sync_not_open(&b),
     );
+    b.case(
+        f,
+        "batch with one wrong digest among good extents",
+        batch_wrong_digest(&b),
+    );
+    b.case(f, "batch with overlapping extents", batch_overlapping(&b));
+    b.case(f, "batch with an extent past the end", batch_past_the_end(&b));
+    b.case(
+        f,
+        "batch whose table names more data than it carries",
+        batch_table_lies(&b),
+    );
+    b.case(f, "batch without the batch magic", batch_bad_magic(&b));
     b.case(f, "1 TiB Content-Length, no body", huge_content_length(&b));
     b.case(f, "lying Content-Length, then EOF", short_body_then_eof(&b));
     b.case(

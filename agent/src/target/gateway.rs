@@ -20,12 +20,12 @@ use object_store::{
     PutPayload, RetryConfig,
 };
 use tern_core::protocol::{
-    DIGEST_META, HostState, LandedExtent, STATE_KEY, SyncPlan, ZERO_META, begin_key, commit_key, extent_key,
-    landed_key, point_key,
+    DIGEST_META, HostState, LandedExtent, LandedKind, STATE_KEY, SyncPlan, ZERO_META, batch_key, begin_key,
+    commit_key, encode_batch_table, extent_key, landed_key, point_key,
 };
 use tern_core::{Digest, DiskId, HostId, Manifest, PointId};
 
-use super::{ErrorKind, PointEntry, Target, TargetError};
+use super::{BatchBody, BatchExtent, ErrorKind, PointEntry, Target, TargetError};
 use crate::tls::{Fingerprint, PinnedVerifier, client_config};
 
 pub use tern_core::object::s3::Secret;
@@ -319,6 +319,51 @@ impl Target for GatewayTarget {
         let op = format!("zero {len} bytes at {offset} of disk {disk}");
         let attrs = metadata(ZERO_META, len.to_string());
         self.put(&extent_key(sync, disk, offset), PutPayload::default(), attrs, op)
+            .await
+    }
+
+    async fn put_batch(
+        &self,
+        sync: &PointId,
+        disk: &DiskId,
+        extents: Vec<BatchExtent>,
+    ) -> Result<(), TargetError> {
+        if let [one] = extents.as_slice() {
+            return match &one.body {
+                BatchBody::Data(body, digest) => {
+                    self.put_extent(sync, disk, one.offset, body.clone(), *digest)
+                        .await
+                }
+                BatchBody::Zero(len) => self.put_zero(sync, disk, one.offset, *len).await,
+            };
+        }
+        let first = extents.first().map_or(0, |x| x.offset);
+        let op = format!(
+            "send a batch of {} extents from {first} of disk {disk}",
+            extents.len()
+        );
+        // The table, then the data bodies in table order: one request, no copy of the bodies.
+        let mut table = Vec::with_capacity(extents.len());
+        let mut bodies = Vec::with_capacity(extents.len() + 1);
+        for x in &extents {
+            let len = u32::try_from(x.len()).map_err(|e| TargetError::new(&op, ErrorKind::Permanent, e))?;
+            let kind = match &x.body {
+                BatchBody::Data(body, digest) => {
+                    bodies.push(body.clone());
+                    LandedKind::Data(*digest)
+                }
+                BatchBody::Zero(_) => LandedKind::Zero,
+            };
+            table.push(LandedExtent {
+                offset: x.offset,
+                len,
+                kind,
+            });
+        }
+        let payload: PutPayload = std::iter::once(Bytes::from(encode_batch_table(&table)))
+            .chain(bodies)
+            .collect();
+        self.put(&batch_key(sync, disk), payload, Attributes::new(), op)
             .await
     }
 

@@ -30,6 +30,39 @@ pub struct PointEntry {
     pub modified_unix_ms: u64,
 }
 
+/// One extent of a batch ([`Target::put_batch`]).
+#[derive(Debug, Clone)]
+pub struct BatchExtent {
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// What to write there.
+    pub body: BatchBody,
+}
+
+/// What a batch extent writes.
+#[derive(Debug, Clone)]
+pub enum BatchBody {
+    /// These bytes, whose BLAKE3 digest is given.
+    Data(Bytes, tern_core::Digest),
+    /// This many zero bytes.
+    Zero(u64),
+}
+
+impl BatchExtent {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        match &self.body {
+            BatchBody::Data(b, _) => b.len() as u64,
+            BatchBody::Zero(n) => *n,
+        }
+    }
+
+    /// Whether the extent is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What kind of failure a target reported: it decides whether retrying can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -119,6 +152,28 @@ pub trait Target: Send + Sync + 'static {
         len: u64,
     ) -> impl Future<Output = Result<(), TargetError>> + Send;
 
+    /// Writes several extents of `disk`, in increasing offset order without overlap, as
+    /// [`Target::put_extent`] and [`Target::put_zero`] would. A target that can take them in one
+    /// request (the gateway) does: this saves the per-request cost of small extents.
+    fn put_batch(
+        &self,
+        sync: &PointId,
+        disk: &DiskId,
+        extents: Vec<BatchExtent>,
+    ) -> impl Future<Output = Result<(), TargetError>> + Send {
+        async move {
+            for x in extents {
+                match x.body {
+                    BatchBody::Data(body, digest) => {
+                        self.put_extent(sync, disk, x.offset, body, digest).await?
+                    }
+                    BatchBody::Zero(len) => self.put_zero(sync, disk, x.offset, len).await?,
+                }
+            }
+            Ok(())
+        }
+    }
+
     /// Commits the sync: answers once the point described by `manifest` exists.
     fn commit(
         &self,
@@ -191,6 +246,14 @@ impl Target for AnyTarget {
         len: u64,
     ) -> Result<(), TargetError> {
         delegate!(self, t => t.put_zero(sync, disk, offset, len).await)
+    }
+    async fn put_batch(
+        &self,
+        sync: &PointId,
+        disk: &DiskId,
+        extents: Vec<BatchExtent>,
+    ) -> Result<(), TargetError> {
+        delegate!(self, t => t.put_batch(sync, disk, extents).await)
     }
     async fn commit(&self, sync: &PointId, manifest: &Manifest) -> Result<(), TargetError> {
         delegate!(self, t => t.commit(sync, manifest).await)

@@ -14,6 +14,8 @@
 //!
 //! Waiting: when a request does not fit, [`Alloc`] queues behind earlier waiters (strict FIFO,
 //! so a 4 MiB request is not starved by a stream of 4 KiB ones) and is woken when memory returns.
+//! A request for several buffers ([`Arena::alloc_many`]) takes all of them or none, so no one
+//! waits while holding part of what it needs.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -122,17 +124,30 @@ impl Arena {
     }
 
     /// A future that resolves to a buffer of `len` bytes once the arena has room.
-    pub(crate) fn alloc(self: &Arc<Self>, len: usize) -> Result<Alloc, IoError> {
-        if len > self.max_len {
+    pub(crate) fn alloc(self: &Arc<Self>, len: usize) -> Result<AllocOne, IoError> {
+        self.alloc_many(&[len]).map(AllocOne)
+    }
+
+    /// A future that resolves to one buffer per entry of `lens`, in that order, once the arena
+    /// has room for all of them at once. Taking them together means a caller never holds some
+    /// buffers while it waits for the others, which could deadlock callers that share an arena.
+    pub(crate) fn alloc_many(self: &Arc<Self>, lens: &[usize]) -> Result<Alloc, IoError> {
+        // Each request takes a power of two of frames; together they fit in an empty arena
+        // when their sum fits in its largest block (allocated largest first, see `poll`).
+        let blocks: usize = lens.iter().map(|l| l.div_ceil(FRAME).next_power_of_two()).sum();
+        let len: usize = lens.iter().sum();
+        if blocks * FRAME > self.max_len {
             return Err(IoError::BufferTooLarge {
                 len,
                 max: self.max_len,
             });
         }
+        let mut order: Vec<usize> = (0..lens.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
         Ok(Alloc {
             arena: Arc::clone(self),
-            frames: len.div_ceil(FRAME),
-            len,
+            lens: lens.to_vec(),
+            order,
             ticket: None,
         })
     }
@@ -183,11 +198,13 @@ impl Drop for Arena {
     }
 }
 
-/// Future returned by [`Arena::alloc`]: waits, in FIFO order, for room in the arena.
+/// Future returned by [`Arena::alloc_many`]: waits, in FIFO order, for room in the arena.
 pub(crate) struct Alloc {
     arena: Arc<Arena>,
-    frames: usize,
-    len: usize,
+    /// The buffer lengths asked for.
+    lens: Vec<usize>,
+    /// Indexes of `lens`, largest first: the order the frames are taken in.
+    order: Vec<usize>,
     /// Our place in the wait queue once we had to wait.
     ticket: Option<u64>,
 }
@@ -195,31 +212,48 @@ pub(crate) struct Alloc {
 impl fmt::Debug for Alloc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Alloc")
-            .field("len", &self.len)
+            .field("lens", &self.lens)
             .field("ticket", &self.ticket)
             .finish_non_exhaustive()
     }
 }
 
-impl Future for Alloc {
-    type Output = IoBuf;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoBuf> {
-        let this = &mut *self;
-        if this.frames == 0 {
-            return Poll::Ready(IoBuf {
-                arena: Arc::clone(&this.arena),
-                frame: 0,
-                frames: 0,
-                len: 0,
-            });
+/// Takes frames for every length of `lens` (in `order`), or none: `None` when they do not all
+/// fit now. The first frame of each, by index of `lens` (0 frames: no frame).
+fn take_frames(st: &mut State, lens: &[usize], order: &[usize]) -> Option<Vec<usize>> {
+    let mut firsts = vec![FRAME_BASE; lens.len()];
+    for (n, &i) in order.iter().enumerate() {
+        let frames = lens[i].div_ceil(FRAME);
+        if frames == 0 {
+            continue;
         }
+        match st.frames.alloc(frames) {
+            Some(first) => firsts[i] = first,
+            None => {
+                for &j in &order[..n] {
+                    let taken = lens[j].div_ceil(FRAME);
+                    if taken > 0 {
+                        st.frames.dealloc(firsts[j], taken);
+                    }
+                }
+                return None;
+            }
+        }
+    }
+    Some(firsts)
+}
+
+impl Future for Alloc {
+    type Output = Vec<IoBuf>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<IoBuf>> {
+        let this = &mut *self;
         let mut st = this.arena.lock();
         let at_head = match this.ticket {
             None => st.waiters.is_empty(),
             Some(t) => st.waiters.front().is_some_and(|w| w.ticket == t),
         };
-        if at_head && let Some(first) = st.frames.alloc(this.frames) {
+        if at_head && let Some(firsts) = take_frames(&mut st, &this.lens, &this.order) {
             let mut next = None;
             if this.ticket.take().is_some() {
                 st.waiters.pop_front();
@@ -230,12 +264,18 @@ impl Future for Alloc {
             if let Some(w) = next {
                 w.wake();
             }
-            return Poll::Ready(IoBuf {
-                arena: Arc::clone(&this.arena),
-                frame: first - FRAME_BASE,
-                frames: this.frames,
-                len: this.len,
-            });
+            let bufs = this
+                .lens
+                .iter()
+                .zip(firsts)
+                .map(|(&len, first)| IoBuf {
+                    arena: Arc::clone(&this.arena),
+                    frame: first - FRAME_BASE,
+                    frames: len.div_ceil(FRAME),
+                    len,
+                })
+                .collect();
+            return Poll::Ready(bufs);
         }
         match this.ticket {
             None => {
@@ -254,6 +294,22 @@ impl Future for Alloc {
             }
         }
         Poll::Pending
+    }
+}
+
+/// Future returned by [`Arena::alloc`]: [`Alloc`] for one buffer.
+#[derive(Debug)]
+pub(crate) struct AllocOne(Alloc);
+
+impl Future for AllocOne {
+    type Output = IoBuf;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoBuf> {
+        Pin::new(&mut self.0).poll(cx).map(|bufs| {
+            bufs.into_iter()
+                .next()
+                .expect("an allocation of one length yields one buffer")
+        })
     }
 }
 

@@ -347,6 +347,64 @@ async fn alloc_backpressure(choice: EngineChoice) {
     assert_eq!(got, 512 << 10);
 }
 
+/// `alloc_many` takes all its buffers at once or waits holding none; buffers that could never
+/// fit together are refused.
+async fn alloc_many_all_or_nothing(choice: EngineChoice) {
+    let fx = fixture(1 << 20);
+    let cfg = EngineConfig {
+        buffer_bytes: 1 << 20,
+        ..config(choice)
+    };
+    let Some(vol) = open_with(&fx.path, true, &cfg) else {
+        return;
+    };
+    let vol = Arc::new(vol);
+    assert!(
+        vol.alloc_many(&[512 << 10, 512 << 10, 4096]).await.is_err(),
+        "more than the arena can ever hold together"
+    );
+    let half = vol.alloc(512 << 10).await.expect("alloc half the arena");
+    let waiter = {
+        let vol = Arc::clone(&vol);
+        tokio::spawn(async move {
+            vol.alloc_many(&[4096, 256 << 10, 300 << 10])
+                .await
+                .map(|b| b.iter().map(|b| (b.len(), b.arena_offset())).collect::<Vec<_>>())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        !waiter.is_finished(),
+        "three buffers of 772 KiB must wait for the half in use"
+    );
+    // Nothing was taken while waiting: the free half is still whole, yet a later request queues
+    // behind the waiter (FIFO).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), vol.alloc(512 << 10))
+            .await
+            .is_err()
+    );
+    drop(half);
+    let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("alloc_many proceeds once memory is free")
+        .expect("task")
+        .expect("alloc_many");
+    let lens: Vec<usize> = got.iter().map(|g| g.0).collect();
+    assert_eq!(
+        lens,
+        [4096, 256 << 10, 300 << 10],
+        "one buffer per length, in order"
+    );
+    let mut ranges: Vec<(usize, usize)> = got.iter().map(|&(len, at)| (at, at + len)).collect();
+    ranges.sort_unstable();
+    assert!(
+        ranges.windows(2).all(|w| w[0].1 <= w[1].0),
+        "buffers overlap: {ranges:?}"
+    );
+    assert!(ranges.last().is_some_and(|r| r.1 <= 1 << 20));
+}
+
 /// Operations cancelled mid-flight, then the volume dropped: no hang, no crash, and the
 /// buffers return to the arena.
 async fn drop_in_flight(choice: EngineChoice) {
@@ -572,6 +630,11 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn alloc_waits_for_free_memory() {
                 alloc_backpressure(CHOICE).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn alloc_many_is_all_or_nothing() {
+                alloc_many_all_or_nothing(CHOICE).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,6 +93,13 @@ impl Volume {
         Ok(self.arena.alloc(len)?.await)
     }
 
+    /// One buffer per entry of `lens`, in order, taken together: waits (FIFO) until all of them
+    /// fit at once, so a caller never holds some while waiting for the others. Errors if they
+    /// could not fit together even in an empty arena.
+    pub async fn alloc_many(&self, lens: &[usize]) -> Result<Vec<IoBuf>, IoError> {
+        Ok(self.arena.alloc_many(lens)?.await)
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<(), IoError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
