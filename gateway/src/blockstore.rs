@@ -446,8 +446,11 @@ impl BlockStore {
         let mut writes = Vec::with_capacity(t.extents.len());
         for e in &t.extents {
             let volume = &t.volume;
+            // `prepare_batch` took exactly one buffer per data extent, in order.
             let buf = match e.kind {
-                LandedKind::Data(_) => bufs.next(),
+                LandedKind::Data(_) => Some(bufs.next().ok_or_else(|| {
+                    BlockError::Landed(format!("no buffer for the extent at {}", e.offset))
+                })?),
                 LandedKind::Zero => None,
             };
             writes.push(async move {
