@@ -326,16 +326,12 @@ impl Target for GatewayTarget {
         &self,
         sync: &PointId,
         disk: &DiskId,
-        extents: Vec<BatchExtent>,
+        mut extents: Vec<BatchExtent>,
     ) -> Result<(), TargetError> {
-        if let [one] = extents.as_slice() {
-            return match &one.body {
-                BatchBody::Data(body, digest) => {
-                    self.put_extent(sync, disk, one.offset, body.clone(), *digest)
-                        .await
-                }
-                BatchBody::Zero(len) => self.put_zero(sync, disk, one.offset, *len).await,
-            };
+        if extents.len() == 1
+            && let Some(one) = extents.pop()
+        {
+            return super::put_one(self, sync, disk, one).await;
         }
         let first = extents.first().map_or(0, |x| x.offset);
         let op = format!(

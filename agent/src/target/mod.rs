@@ -163,12 +163,7 @@ pub trait Target: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), TargetError>> + Send {
         async move {
             for x in extents {
-                match x.body {
-                    BatchBody::Data(body, digest) => {
-                        self.put_extent(sync, disk, x.offset, body, digest).await?
-                    }
-                    BatchBody::Zero(len) => self.put_zero(sync, disk, x.offset, len).await?,
-                }
+                put_one(self, sync, disk, x).await?;
             }
             Ok(())
         }
@@ -186,6 +181,19 @@ pub trait Target: Send + Sync + 'static {
 
     /// The committed points, oldest first.
     fn list_points(&self) -> impl Future<Output = Result<Vec<PointEntry>, TargetError>> + Send;
+}
+
+/// Sends one batch extent as a single [`Target::put_extent`] or [`Target::put_zero`].
+async fn put_one<T: Target + ?Sized>(
+    target: &T,
+    sync: &PointId,
+    disk: &DiskId,
+    x: BatchExtent,
+) -> Result<(), TargetError> {
+    match x.body {
+        BatchBody::Data(body, digest) => target.put_extent(sync, disk, x.offset, body, digest).await,
+        BatchBody::Zero(len) => target.put_zero(sync, disk, x.offset, len).await,
+    }
 }
 
 /// One of the target implementations, chosen at run time (`--target`).

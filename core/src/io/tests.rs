@@ -311,17 +311,23 @@ async fn unaligned_tail(choice: EngineChoice) {
     assert!(fs::read(&fx.path).expect("read") == model, "file view");
 }
 
-/// `alloc` waits while the arena is full and proceeds once a buffer is dropped.
-async fn alloc_backpressure(choice: EngineChoice) {
+/// A writable 1 MiB volume whose buffer arena is 1 MiB too (`None`: engine unavailable). The
+/// fixture must outlive the volume.
+fn small_arena_volume(choice: EngineChoice) -> Option<(Fixture, Arc<Volume>)> {
     let fx = fixture(1 << 20);
     let cfg = EngineConfig {
         buffer_bytes: 1 << 20,
         ..config(choice)
     };
-    let Some(vol) = open_with(&fx.path, true, &cfg) else {
+    let vol = open_with(&fx.path, true, &cfg)?;
+    Some((fx, Arc::new(vol)))
+}
+
+/// `alloc` waits while the arena is full and proceeds once a buffer is dropped.
+async fn alloc_backpressure(choice: EngineChoice) {
+    let Some((_fx, vol)) = small_arena_volume(choice) else {
         return;
     };
-    let vol = Arc::new(vol);
     assert_eq!(vol.max_buf_len(), 1 << 20);
     let whole = vol.alloc(1 << 20).await.expect("alloc the whole arena");
     assert!(
@@ -350,15 +356,9 @@ async fn alloc_backpressure(choice: EngineChoice) {
 /// `alloc_many` takes all its buffers at once or waits holding none; buffers that could never
 /// fit together are refused.
 async fn alloc_many_all_or_nothing(choice: EngineChoice) {
-    let fx = fixture(1 << 20);
-    let cfg = EngineConfig {
-        buffer_bytes: 1 << 20,
-        ..config(choice)
-    };
-    let Some(vol) = open_with(&fx.path, true, &cfg) else {
+    let Some((_fx, vol)) = small_arena_volume(choice) else {
         return;
     };
-    let vol = Arc::new(vol);
     assert!(
         vol.alloc_many(&[512 << 10, 512 << 10, 4096]).await.is_err(),
         "more than the arena can ever hold together"
