@@ -197,33 +197,51 @@ impl BlockStateReader {
     /// The block values of chunk `index`; `Ok(None)` when the record is damaged or the chunk
     /// is past the file's disk size.
     pub fn read_chunk(&self, index: u64) -> Result<Option<Vec<[u8; 32]>>, BlockStateError> {
-        if index >= self.header.geometry.chunk_count() {
-            return Ok(None);
+        Ok(self.read_chunks(index..index + 1)?.pop().flatten())
+    }
+
+    /// The block values of the chunks of `range`, in order, read with one `pread`: `None` for
+    /// a damaged record or a chunk past the file's disk size.
+    pub fn read_chunks(
+        &self,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<Option<Vec<[u8; 32]>>>, BlockStateError> {
+        let count = self.header.geometry.chunk_count();
+        let stored = range.start.min(count)..range.end.min(count);
+        let total = range.end.saturating_sub(range.start) as usize;
+        let mut out = Vec::with_capacity(total);
+        if !stored.is_empty() {
+            let full = self.header.full_record_len();
+            let last = stored.end - 1;
+            let len =
+                (last - stored.start) * full + (self.header.values_in(last) * VALUE_LEN + SUM_LEN) as u64;
+            let mut buf = vec![0u8; len as usize];
+            self.file
+                .read_exact_at(&mut buf, self.header_len + stored.start * full)
+                .map_err(|source| BlockStateError::Io {
+                    op: "read",
+                    path: self.path.clone(),
+                    source,
+                })?;
+            for (i, index) in stored.clone().enumerate() {
+                let n = self.header.values_in(index);
+                let at = i * full as usize;
+                let (values, sum) = buf[at..at + n * VALUE_LEN + SUM_LEN].split_at(n * VALUE_LEN);
+                out.push((record_sum(&self.header_sum, index, values) == sum).then(|| {
+                    values
+                        .chunks_exact(VALUE_LEN)
+                        .map(|v| {
+                            let mut a = [0u8; 32];
+                            a.copy_from_slice(v);
+                            a
+                        })
+                        .collect()
+                }));
+            }
         }
-        let n = self.header.values_in(index);
-        let mut buf = vec![0u8; n * VALUE_LEN + SUM_LEN];
-        let pos = self.header_len + index * self.header.full_record_len();
-        self.file
-            .read_exact_at(&mut buf, pos)
-            .map_err(|source| BlockStateError::Io {
-                op: "read",
-                path: self.path.clone(),
-                source,
-            })?;
-        let (values, sum) = buf.split_at(n * VALUE_LEN);
-        if record_sum(&self.header_sum, index, values) != sum {
-            return Ok(None);
-        }
-        Ok(Some(
-            values
-                .chunks_exact(VALUE_LEN)
-                .map(|v| {
-                    let mut a = [0u8; 32];
-                    a.copy_from_slice(v);
-                    a
-                })
-                .collect(),
-        ))
+        // Chunks past the file's disk size.
+        out.resize(total, None);
+        Ok(out)
     }
 }
 
@@ -456,6 +474,11 @@ mod tests {
             assert_eq!(r.read_chunk(i).unwrap(), Some(values(i, h.values_in(i))));
         }
         assert_eq!(r.read_chunk(4).unwrap(), None);
+        // A run read at once equals the records read one by one, past the end included.
+        for range in [0..4, 1..3, 3..6, 4..6, 2..2] {
+            let one_by_one: Vec<_> = range.clone().map(|i| r.read_chunk(i).unwrap()).collect();
+            assert_eq!(r.read_chunks(range.clone()).unwrap(), one_by_one, "{range:?}");
+        }
         assert!(
             BlockStateReader::open(&dir.path().join("missing"))
                 .unwrap()
@@ -500,6 +523,8 @@ mod tests {
         let r = BlockStateReader::open(&path).unwrap().unwrap();
         assert_eq!(r.read_chunk(0).unwrap(), None);
         assert!(r.read_chunk(1).unwrap().is_some());
+        let run = r.read_chunks(0..2).unwrap();
+        assert!(run[0].is_none() && run[1].is_some());
         // Swapped records are detected (the checksum binds the position).
         let rec = (h.full_record_len()) as usize;
         let mut bytes = good.clone();

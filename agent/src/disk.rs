@@ -89,6 +89,14 @@ impl DiskReader {
         }
     }
 
+    /// For an NBD disk: the connections reads are spread over.
+    pub fn nbd_connections(&self) -> Option<usize> {
+        match self {
+            DiskReader::File(_) => None,
+            DiskReader::Nbd(n) => Some(n.connections()),
+        }
+    }
+
     /// The parts of `range` that may hold data, rounded out to 4 KiB: the rest reads as zeros
     /// and is not read (see [`Source::data_segments`]).
     pub fn data_segments(&self, range: Range<u64>) -> Result<Vec<Range<u64>>, SourceError> {

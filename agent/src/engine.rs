@@ -21,6 +21,7 @@
 //! records don't show as already there.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,6 +198,9 @@ pub struct DiskSummary {
     pub baseline: &'static str,
     /// Landed extents found (written by an interrupted sync).
     pub landed_extents: usize,
+    /// For an NBD disk: how many connections its data was read through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd_connections: Option<usize>,
     /// Counts.
     #[serde(flatten)]
     pub counters: Counters,
@@ -327,6 +331,16 @@ struct ChunkDone {
     bytes_changed: u64,
 }
 
+/// A chunk of a work item.
+#[derive(Debug)]
+enum Processed {
+    Done(ChunkDone),
+    /// An unchanged chunk whose baseline record is damaged: it is read whole, one at a time,
+    /// by the in-order consumer (so a run of damaged records never reads more than one chunk
+    /// beyond the window).
+    Damaged(u64),
+}
+
 impl DiskWork {
     fn source_err(&self, source: SourceError) -> SyncError {
         SyncError::Source {
@@ -335,23 +349,43 @@ impl DiskWork {
         }
     }
 
-    fn process(&self, index: u64) -> Result<ChunkDone, SyncError> {
-        if let Some(changes) = &self.changes
-            && !self.landed.contains_key(&index)
-        {
-            // A chunk with landed extents (an interrupted sync wrote there) is read whole: the
-            // planner must see its current bytes to judge the landed records.
-            let done = match changes.get(&index) {
-                None => self.process_unchanged(index)?,
-                // Object mode stores whole chunks: a partly changed chunk is read whole.
-                Some(c) if !self.whole_chunks => self.process_changed(index, c)?,
-                Some(_) => None,
-            };
-            if let Some(done) = done {
-                return Ok(done);
+    /// True when a change tracker says chunk `index` did not change since the baseline (and no
+    /// interrupted sync wrote there): its values come from the baseline, nothing is read.
+    fn is_unchanged(&self, index: u64) -> bool {
+        matches!(&self.changes, Some(c) if !c.contains_key(&index)) && !self.landed.contains_key(&index)
+    }
+
+    /// The work item starting at chunk `start`: a run of up to [`UNCHANGED_RUN`] unchanged
+    /// chunks, or the one chunk that must be read.
+    fn item_at(&self, start: u64) -> Range<u64> {
+        let count = self.geometry.chunk_count();
+        let mut end = start + 1;
+        if self.is_unchanged(start) {
+            while end < count && end - start < UNCHANGED_RUN && self.is_unchanged(end) {
+                end += 1;
             }
         }
-        self.process_read(index)
+        start..end
+    }
+
+    /// Processes a work item (see [`DiskWork::item_at`]).
+    fn process_item(&self, item: Range<u64>) -> Result<Vec<Processed>, SyncError> {
+        if self.is_unchanged(item.start) {
+            return self.process_unchanged(item);
+        }
+        let index = item.start;
+        if let Some(changes) = &self.changes
+            && !self.landed.contains_key(&index)
+            && !self.whole_chunks
+            && let Some(c) = changes.get(&index)
+            && let Some(done) = self.process_changed(index, c)?
+        {
+            return Ok(vec![Processed::Done(done)]);
+        }
+        // Read whole: without a tracker; a chunk with landed extents (an interrupted sync wrote
+        // there: the planner must see its current bytes to judge the landed records); a partly
+        // changed chunk in object mode (it stores whole chunks); a damaged baseline record.
+        Ok(vec![Processed::Done(self.process_read(index)?)])
     }
 
     /// The window units chunk `index` holds while in flight: the bytes it will read (the changed
@@ -392,30 +426,48 @@ impl DiskWork {
         }
     }
 
-    /// A chunk no change touches: its values and digest come from the baseline, nothing is
-    /// read. `None` when the baseline's record is damaged (the chunk is then read).
-    fn process_unchanged(&self, index: u64) -> Result<Option<ChunkDone>, SyncError> {
-        let Some(blocks) = self.baseline_values(index)? else {
-            return Ok(None);
+    /// Chunks no change touches: their values and digests come from the baseline (read at
+    /// once), nothing is read from the disk. A chunk whose baseline record is damaged is left
+    /// to be read ([`Processed::Damaged`]).
+    fn process_unchanged(&self, run: Range<u64>) -> Result<Vec<Processed>, SyncError> {
+        let records = match &self.baseline {
+            Baseline::State(r) if r.header().geometry == self.geometry => r
+                .read_chunks(run.clone())
+                .map_err(|source| SyncError::BlockState {
+                    disk: self.disk.clone(),
+                    source,
+                })?,
+            _ => run
+                .clone()
+                .map(|i| self.baseline_values(i))
+                .collect::<Result<_, _>>()?,
         };
-        let len = self.geometry.chunk_len(index);
-        let mut plan = ChunkPlan::default();
-        let chunk_ref = if *blocks == *self.zero_values(len) {
-            plan.bytes_zero = u64::from(len);
-            ChunkRef::Zero
-        } else {
-            plan.bytes_unchanged = u64::from(len);
-            ChunkRef::Data(self.hasher.digest_from_blocks(&blocks, len))
-        };
-        Ok(Some(ChunkDone {
-            index,
-            chunk_ref,
-            blocks,
-            plan,
-            data: None,
-            bytes_read: 0,
-            bytes_changed: 0,
-        }))
+        Ok(run
+            .zip(records)
+            .map(|(index, blocks)| {
+                let Some(blocks) = blocks else {
+                    return Processed::Damaged(index);
+                };
+                let len = self.geometry.chunk_len(index);
+                let mut plan = ChunkPlan::default();
+                let chunk_ref = if *blocks == *self.zero_values(len) {
+                    plan.bytes_zero = u64::from(len);
+                    ChunkRef::Zero
+                } else {
+                    plan.bytes_unchanged = u64::from(len);
+                    ChunkRef::Data(self.hasher.digest_from_blocks(&blocks, len))
+                };
+                Processed::Done(ChunkDone {
+                    index,
+                    chunk_ref,
+                    blocks,
+                    plan,
+                    data: None,
+                    bytes_read: 0,
+                    bytes_changed: 0,
+                })
+            })
+            .collect())
     }
 
     /// A chunk some changes touch (block mode): only the changed blocks are read (data) or
@@ -770,6 +822,7 @@ pub async fn sync_host<T: Target>(target: &Arc<T>, opts: &SyncOptions) -> Result
                 size: geometry.size(),
                 baseline: baseline_name,
                 landed_extents: landed_count,
+                nbd_connections: work.source.nbd_connections(),
                 counters: out.counters,
             });
             disks.push(DiskManifest {
@@ -989,12 +1042,15 @@ async fn sync_disk<T: Target>(
         change_token,
     };
 
-    // The new block values are written in chunk order by a blocking thread.
-    let (values_tx, mut values_rx) = tokio::sync::mpsc::channel::<(u64, Vec<[u8; 32]>)>(window * 2);
+    // The new block values are written in chunk order by a blocking thread, a work item's
+    // chunks at a time.
+    let (values_tx, mut values_rx) = tokio::sync::mpsc::channel::<Vec<(u64, Vec<[u8; 32]>)>>(window * 2);
     let writer = tokio::task::spawn_blocking(move || -> Result<PathBuf, BlockStateError> {
         let mut w = BlockStateWriter::create(&new_state, header)?;
-        while let Some((index, values)) = values_rx.blocking_recv() {
-            w.push(index, &values)?;
+        while let Some(item) = values_rx.blocking_recv() {
+            for (index, values) in item {
+                w.push(index, &values)?;
+            }
         }
         w.finish()
     });
@@ -1006,26 +1062,33 @@ async fn sync_disk<T: Target>(
     let units_per_chunk = u64::from(geometry.chunk_size()).div_ceil(WINDOW_UNIT) as usize;
     let permits = Arc::new(Semaphore::new(window * units_per_chunk));
     let in_flight = (window * units_per_chunk).clamp(window, MAX_CHUNKS_IN_FLIGHT.max(window));
-    let mut chunks_done = futures::stream::iter(0..geometry.chunk_count())
+    let items = futures::stream::unfold(0u64, {
+        let work = work.clone();
+        move |start| {
+            let item = (start < geometry.chunk_count()).then(|| work.item_at(start));
+            async move { item.map(|item| (item.clone(), item.end)) }
+        }
+    });
+    let mut chunks_done = items
         .then({
             let work = work.clone();
             let permits = permits.clone();
-            move |index| {
-                let units = work.window_units(index);
+            move |item| {
+                let units = work.window_units(item.start);
                 let permits = permits.clone();
                 async move {
                     let permit = permits
                         .acquire_many_owned(units)
                         .await
                         .expect("the window semaphore is never closed");
-                    (index, permit)
+                    (item, permit)
                 }
             }
         })
-        .map(|(index, permit)| {
+        .map(|(item, permit)| {
             let work = work.clone();
             async move {
-                let done = tokio::task::spawn_blocking(move || work.process(index))
+                let done = tokio::task::spawn_blocking(move || work.process_item(item))
                     .await
                     .map_err(SyncError::Task)??;
                 Ok::<_, SyncError>((done, permit))
@@ -1069,49 +1132,62 @@ async fn sync_disk<T: Target>(
             continue;
         };
         let Some(item) = item else { break };
-        let (done, permit) = item?;
+        let (processed, permit) = item?;
         while let Some(r) = sends.try_join_next() {
             r.map_err(SyncError::Task)??;
         }
-        let range = geometry.chunk_range(done.index);
-        counters.bytes_read += done.bytes_read;
-        counters.bytes_changed += done.bytes_changed;
-        counters.add_plan(&done.plan);
-        chunks.push(done.chunk_ref);
-        if values_tx.send((done.index, done.blocks)).await.is_err() {
+        // The item's window permit is held until every batch with its extents was sent.
+        let permit = Arc::new(permit);
+        let mut values = Vec::with_capacity(processed.len());
+        for p in processed {
+            let done = match p {
+                Processed::Done(done) => done,
+                Processed::Damaged(index) => {
+                    let work = work.clone();
+                    tokio::task::spawn_blocking(move || work.process_read(index))
+                        .await
+                        .map_err(SyncError::Task)??
+                }
+            };
+            let range = geometry.chunk_range(done.index);
+            counters.bytes_read += done.bytes_read;
+            counters.bytes_changed += done.bytes_changed;
+            counters.add_plan(&done.plan);
+            chunks.push(done.chunk_ref);
+            values.push((done.index, done.blocks));
+            for x in done.plan.extents {
+                let offset = range.start + x.range.start as u64;
+                let body = match x.kind {
+                    ExtentKind::Zero => BatchBody::Zero(x.len()),
+                    // A chunk without data (all hole) plans only zero extents.
+                    ExtentKind::Data(digest) => BatchBody::Data(
+                        match &done.data {
+                            Some(b) => b.slice(x.range.clone()),
+                            None => Bytes::from(vec![0u8; x.range.len()]),
+                        },
+                        digest,
+                    ),
+                };
+                let x = BatchExtent { offset, body };
+                // A batch of several extents stays within BATCH_DATA; a larger extent goes alone.
+                if let BatchBody::Data(b, _) = &x.body
+                    && !batch.extents.is_empty()
+                    && batch.data + b.len() as u64 > BATCH_DATA
+                {
+                    spawn_batch(&mut sends, std::mem::take(&mut batch));
+                }
+                batch.push(x, &permit);
+                if batch.extents.len() >= max_extents || batch.data >= BATCH_DATA {
+                    spawn_batch(&mut sends, std::mem::take(&mut batch));
+                }
+            }
+            bar.inc(range.end - range.start);
+        }
+        bar.set_message(format!("sent {}", crate::units::format_size(counters.bytes_sent)));
+        if values_tx.send(values).await.is_err() {
             // The writer stopped: its error says why.
             break;
         }
-        // The chunk's window permit is held until every batch with its extents was sent.
-        let permit = Arc::new(permit);
-        for x in done.plan.extents {
-            let offset = range.start + x.range.start as u64;
-            let body = match x.kind {
-                ExtentKind::Zero => BatchBody::Zero(x.len()),
-                // A chunk without data (all hole) plans only zero extents.
-                ExtentKind::Data(digest) => BatchBody::Data(
-                    match &done.data {
-                        Some(b) => b.slice(x.range.clone()),
-                        None => Bytes::from(vec![0u8; x.range.len()]),
-                    },
-                    digest,
-                ),
-            };
-            let x = BatchExtent { offset, body };
-            // A batch of several extents stays within BATCH_DATA; a larger extent goes alone.
-            if let BatchBody::Data(b, _) = &x.body
-                && !batch.extents.is_empty()
-                && batch.data + b.len() as u64 > BATCH_DATA
-            {
-                spawn_batch(&mut sends, std::mem::take(&mut batch));
-            }
-            batch.push(x, &permit);
-            if batch.extents.len() >= max_extents || batch.data >= BATCH_DATA {
-                spawn_batch(&mut sends, std::mem::take(&mut batch));
-            }
-        }
-        bar.inc(range.end - range.start);
-        bar.set_message(format!("sent {}", crate::units::format_size(counters.bytes_sent)));
     }
     if !batch.extents.is_empty() {
         spawn_batch(&mut sends, batch);
@@ -1139,6 +1215,10 @@ async fn sync_disk<T: Target>(
 const WINDOW_UNIT: u64 = 64 << 10;
 /// Most chunks in flight per disk, however little data each holds.
 const MAX_CHUNKS_IN_FLIGHT: usize = 256;
+/// Most unchanged chunks in one work item: their baseline records are read with one `pread`
+/// and planned by one blocking task (1 GiB of a disk at 4 MiB chunks, 520 KiB of records), so
+/// an incremental of a large disk does not pay a task per unchanged chunk.
+const UNCHANGED_RUN: u64 = 256;
 
 /// Most extents in one batch request.
 const BATCH_EXTENTS: usize = 64;

@@ -164,6 +164,11 @@ struct SyncArgs {
     /// Ceph client id for rbd: disks (without "client.").
     #[arg(long)]
     ceph_id: Option<String>,
+    /// Most connections to read one NBD disk through, when its server allows several
+    /// (NBD_FLAG_CAN_MULTI_CONN, e.g. `qemu-nbd -e N` or QEMU's read-only exports): more
+    /// reads in flight for an export read over a network link.
+    #[arg(long, default_value_t = tern_agent::nbd::DEFAULT_CONNECTIONS, value_parser = clap::builder::RangedI64ValueParser::<usize>::new().range(1..=64))]
+    nbd_connections: usize,
     /// Longest wait for one NBD reply before the sync fails.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     nbd_timeout: Duration,
@@ -387,6 +392,7 @@ fn sync_options(args: &SyncArgs) -> anyhow::Result<SyncOptions> {
             ca_file: args.nbd_ca_file.clone(),
             client_cert: args.nbd_client_cert.clone().zip(args.nbd_client_key.clone()),
             request_timeout: Some(args.nbd_timeout),
+            connections: args.nbd_connections,
         },
         rbd: RbdOptions {
             conf: args.ceph_conf.clone(),

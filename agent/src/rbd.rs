@@ -216,7 +216,9 @@ pub struct SnapshotServer {
 }
 
 impl SnapshotServer {
-    fn start(rbd: &Rbd, snap: &str, socket: &Path) -> Result<Self, SourceError> {
+    /// Serves `snap` to up to `clients` connections at once (more than one makes `qemu-nbd`
+    /// advertise multi-conn, so the NBD source reads through that many).
+    fn start(rbd: &Rbd, snap: &str, socket: &Path, clients: usize) -> Result<Self, SourceError> {
         let mut name = format!("rbd:{}@{snap}", rbd.spec.name());
         for (key, value) in [
             ("conf", rbd.opts.conf.as_ref().map(|p| p.display().to_string())),
@@ -237,7 +239,9 @@ impl SnapshotServer {
         }
         let _ = std::fs::remove_file(socket);
         let mut child = Command::new("qemu-nbd")
-            .args(["--read-only", "--persistent", "--format", "raw", "--socket"])
+            .args(["--read-only", "--persistent", "--format", "raw"])
+            .arg(format!("--shared={}", clients.max(1)))
+            .arg("--socket")
             .arg(socket)
             .arg(&name)
             .stdin(Stdio::null())
@@ -380,7 +384,7 @@ pub async fn open(
         opts: opts.clone(),
     };
     let snap = format!("{SNAP_PREFIX}{sync}");
-    let (r, s, sock) = (rbd.clone(), snap.clone(), socket.clone());
+    let (r, s, sock, clients) = (rbd.clone(), snap.clone(), socket.clone(), nbd.connections);
     let (size, server) =
         tokio::task::spawn_blocking(move || -> Result<(u64, SnapshotServer), SourceError> {
             if !r.snapshots()?.contains(&s) {
@@ -388,7 +392,7 @@ pub async fn open(
                 info!(image = %r.spec.name(), snap = s, "snapshot created");
             }
             let size = r.size(&s)?;
-            Ok((size, SnapshotServer::start(&r, &s, &sock)?))
+            Ok((size, SnapshotServer::start(&r, &s, &sock, clients)?))
         })
         .await
         .map_err(|e| rbd.err(format!("the snapshot task failed: {e}")))??;

@@ -87,11 +87,25 @@ pub struct QemuNbd {
 
 impl QemuNbd {
     /// Serves `image` (qcow2) as `export` on `socket`, with dirty bitmap `bitmap` if given
-    /// (`-B`), to any number of clients (`-t`).
+    /// (`-B`), to one client at a time, any number of times (`-t`).
     pub fn start(image: &Path, socket: &Path, export: &str, bitmap: Option<&str>) -> Result<Self> {
+        Self::start_shared(image, socket, export, bitmap, 1)
+    }
+
+    /// As [`QemuNbd::start`], to `clients` connections at once (`-e`; more than one makes
+    /// `qemu-nbd` advertise multi-conn).
+    pub fn start_shared(
+        image: &Path,
+        socket: &Path,
+        export: &str,
+        bitmap: Option<&str>,
+        clients: u32,
+    ) -> Result<Self> {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["-r", "-t", "-f", "qcow2", "-x", export, "-k"])
+        cmd.args(["-r", "-t", "-f", "qcow2", "-x", export, "-e"])
+            .arg(clients.to_string())
+            .arg("-k")
             .arg(socket);
         if let Some(b) = bitmap {
             cmd.args(["-B", b]);

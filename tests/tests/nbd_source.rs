@@ -100,21 +100,28 @@ fn nbd_bitmaps_to_the_gateway_full_then_incrementals() -> Result<()> {
     let disk = &full["disks"][0];
     assert_eq!(disk["changes"], "read", "{full}");
     assert!(num(disk, "bytes_read") <= 24 * (256 << 10) + (4 << 20), "{full}");
+    // `qemu-nbd -e 1` does not advertise multi-conn: one connection.
+    assert_eq!(num(disk, "nbd_connections"), 1, "{full}");
 
-    // Incrementals: b0 lists the writes since the full sync; b1 starts now.
+    // Incrementals: b0 lists the writes since the full sync; b1 starts now. The exports allow
+    // several clients, so qemu-nbd advertises multi-conn and the agent reads through up to
+    // `--nbd-connections 4`: all 4 in round 1; in round 2 the server takes only 2, the extra
+    // connections time out and the sync reads through the 2 it has.
     let mut dirty_bitmap = "b0".to_owned();
-    for round in 1..=2u64 {
+    for (round, clients) in [(1u64, 4u32), (2, 2)] {
         second_writes(&img, round)?;
         let next = format!("b{round}");
         qemu::bitmap(&img, "add", &next)?;
         let dirty = qemu::nbdinfo_dirty_bytes(&img, &dirty_bitmap, tmp.path())?;
-        let nbd = QemuNbd::start(&img, &sock, "vda", Some(&dirty_bitmap))?;
+        let nbd = QemuNbd::start_shared(&img, &sock, "vda", Some(&dirty_bitmap), clients)?;
         let inc = sync(
             &[
                 "--dirty-bitmap",
                 &format!("vda={dirty_bitmap}"),
                 "--next-bitmap",
                 &format!("vda={next}"),
+                "--nbd-connections",
+                "4",
             ],
             &nbd.uri(),
         )?;
@@ -122,6 +129,7 @@ fn nbd_bitmaps_to_the_gateway_full_then_incrementals() -> Result<()> {
         check(&inc)?;
         let disk = &inc["disks"][0];
         assert_eq!(disk["changes"], format!("dirty-bitmap:{dirty_bitmap}"), "{inc}");
+        assert_eq!(num(disk, "nbd_connections"), u64::from(clients), "{inc}");
         // Only dirty data is read (the discarded MiB is dirty but a hole now: not read), and
         // no more is sent than is dirty.
         assert!(dirty > 0);
@@ -137,6 +145,37 @@ fn nbd_bitmaps_to_the_gateway_full_then_incrementals() -> Result<()> {
         qemu::bitmap(&img, "remove", &dirty_bitmap)?;
         dirty_bitmap = next;
     }
+
+    // Damaged block-values records (one flipped byte in each of the 16 records: the file ends
+    // with them, 2080 bytes each): every chunk, unchanged ones included, is read whole instead
+    // of trusting its record, and the point is still exact.
+    let blocks = state.join(HOST).join("disks").join("vda.blocks");
+    let mut bytes = std::fs::read(&blocks)?;
+    let len = bytes.len();
+    for k in 0..16 {
+        bytes[len - 1 - 2080 * k] ^= 0x40;
+    }
+    std::fs::write(&blocks, &bytes)?;
+    second_writes(&img, 3)?;
+    qemu::bitmap(&img, "add", "b3")?;
+    let dirty = qemu::nbdinfo_dirty_bytes(&img, &dirty_bitmap, tmp.path())?;
+    let nbd = QemuNbd::start(&img, &sock, "vda", Some(&dirty_bitmap))?;
+    let damaged = sync(
+        &[
+            "--dirty-bitmap",
+            &format!("vda={dirty_bitmap}"),
+            "--next-bitmap",
+            "vda=b3",
+        ],
+        &nbd.uri(),
+    )?;
+    nbd.stop();
+    check(&damaged)?;
+    let disk = &damaged["disks"][0];
+    assert!(
+        num(disk, "bytes_read") > dirty,
+        "damaged records were trusted: {damaged}"
+    );
 
     // A bitmap that does not match the latest point's token: the disk is read whole, and the
     // point is still exact.
