@@ -11,12 +11,13 @@
 //!   bitmap's own name). The caller creates that bitmap before the sync reads anything — the
 //!   live-guest flow in `docs/agentless.md` adds it in the same QMP transaction that freezes the
 //!   point in time — and removes the old one once the point is committed.
-//! - Reads go through several connections when the server advertises `NBD_FLAG_CAN_MULTI_CONN`
-//!   (every connection sees the same data: QEMU's read-only exports, `qemu-nbd -e N`), up to
-//!   [`NbdOptions::connections`] (`--nbd-connections`). A server serves a bounded number of requests per connection
-//!   (QEMU: 16), so a sync of many small dirty ranges is bound by round trips on one
-//!   connection. An extra connection that cannot be made in [`EXTRA_CONNECT_TIMEOUT`] (a
-//!   server that limits its clients) is left out; the first one is enough.
+//! - Reads may go through several connections when the server advertises
+//!   `NBD_FLAG_CAN_MULTI_CONN` (every connection sees the same data: QEMU's read-only exports,
+//!   `qemu-nbd -e N`), up to [`NbdOptions::connections`] (`--nbd-connections`). A server
+//!   serves a bounded number of requests per connection (QEMU: 16), so over a link with a real
+//!   round-trip time one connection bounds the reads in flight. An extra connection that cannot
+//!   be made in [`EXTRA_CONNECT_TIMEOUT`] (a server that limits its clients) is left out; the
+//!   first one is enough.
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -295,7 +296,7 @@ pub async fn open(
     } else {
         0
     };
-    // Only reads go through the extra connections: no metadata contexts.
+    // Only reads go through the extra connections: no dirty bitmap.
     let mut extra_opts = copts.clone();
     extra_opts.bitmaps.clear();
     extra_opts.connect_timeout = extra_opts.connect_timeout.min(EXTRA_CONNECT_TIMEOUT);
