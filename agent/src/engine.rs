@@ -1061,7 +1061,7 @@ async fn sync_disk<T: Target>(
     // hold theirs, so the stream cannot stall on later chunks holding the window.
     let units_per_chunk = u64::from(geometry.chunk_size()).div_ceil(WINDOW_UNIT) as usize;
     let permits = Arc::new(Semaphore::new(window * units_per_chunk));
-    let in_flight = (window * units_per_chunk).clamp(window, MAX_CHUNKS_IN_FLIGHT.max(window));
+    let in_flight = (window * units_per_chunk).clamp(window, MAX_ITEMS_IN_FLIGHT.max(window));
     let items = futures::stream::unfold(0u64, {
         let work = work.clone();
         move |start| {
@@ -1213,8 +1213,9 @@ async fn sync_disk<T: Target>(
 
 /// Unit of window accounting: 64 KiB of chunk data (a chunk is at least 64 KiB).
 const WINDOW_UNIT: u64 = 64 << 10;
-/// Most chunks in flight per disk, however little data each holds.
-const MAX_CHUNKS_IN_FLIGHT: usize = 256;
+/// Most work items (a chunk to read, or a run of unchanged chunks) in flight per disk, however
+/// little data each holds.
+const MAX_ITEMS_IN_FLIGHT: usize = 256;
 /// Most unchanged chunks in one work item: their baseline records are read with one `pread`
 /// and planned by one blocking task (1 GiB of a disk at 4 MiB chunks, 520 KiB of records), so
 /// an incremental of a large disk does not pay a task per unchanged chunk.
